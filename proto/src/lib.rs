@@ -1,0 +1,39 @@
+//! Ferry's wire contract, owned in one place.
+//!
+//! - [`master::v1`]: the master agent's gRPC API (generated from `proto/`).
+//! - [`plan::v1`]: the test plan the dispatcher sends and the test agent runs.
+//! - [`console`]: the lines agents and dispatcher exchange on the serial console.
+//! - [`record`]: the records the test agent writes on its rootfs and the
+//!   dispatcher reads back.
+//!
+//! Versioned packages let a newer dispatcher keep talking to boards whose
+//! master image was flashed long ago.
+
+pub mod console;
+pub mod record;
+
+/// The master agent's API, generated from `proto/ferry/master`.
+pub mod master {
+    /// Version 1 of the master agent API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("ferry.master.v1");
+    }
+}
+
+/// The test plan, generated from `proto/ferry/plan`.
+pub mod plan {
+    /// Version 1 of the test plan.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("ferry.plan.v1");
+    }
+}
+
+/// The gRPC metadata key that carries the console-issued token.
+pub const AUTH_METADATA_KEY: &str = "authorization";
+
+/// The value of [`AUTH_METADATA_KEY`] for a token.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
