@@ -215,7 +215,10 @@ mod tests {
 
     #[test]
     fn announcement_survives_prefixes_and_crlf() {
-        let line = format!("[    2.345678] random: crng init done\x00\x1b[0m{}\r\n", master());
+        let line = format!(
+            "[    2.345678] random: crng init done\x00\x1b[0m{}\r\n",
+            master()
+        );
         assert_eq!(Announcement::find(&line), Some(Ok(master())));
     }
 
@@ -226,12 +229,20 @@ mod tests {
         let cut = format!("{}[  3.1] virtio_net{}", &line[..20], &line[20..]);
         assert_eq!(Announcement::find(&cut), Some(Err(LineError::Checksum)));
         let truncated = &line[..line.len() - 3];
-        assert_eq!(Announcement::find(truncated), Some(Err(LineError::Checksum)));
+        assert_eq!(
+            Announcement::find(truncated),
+            Some(Err(LineError::Checksum))
+        );
     }
 
     #[test]
     fn lines_without_marker_are_ignored() {
-        for line in ["", "Linux version 6.1.0", "FERRY", "\u{fffd}\u{fffd}garbage"] {
+        for line in [
+            "",
+            "Linux version 6.1.0",
+            "FERRY",
+            "\u{fffd}\u{fffd}garbage",
+        ] {
             assert_eq!(Announcement::find(line), None, "{line:?}");
         }
     }
@@ -239,26 +250,42 @@ mod tests {
     #[test]
     fn master_needs_an_address_test_does_not() {
         let line = seal(format!("{ANNOUNCE_MARKER} role=master version=1 boot=b"));
-        assert_eq!(Announcement::find(&line), Some(Err(LineError::Missing("addr"))));
+        assert_eq!(
+            Announcement::find(&line),
+            Some(Err(LineError::Missing("addr")))
+        );
         let line = seal(format!("{ANNOUNCE_MARKER} role=test version=1 boot=b"));
-        let a = Announcement::find(&line).and_then(Result::ok).expect("test announcement");
+        let a = Announcement::find(&line)
+            .and_then(Result::ok)
+            .expect("test announcement");
         assert_eq!((a.role, a.addr), (Role::Test, None));
     }
 
     #[test]
     fn bad_values_are_named() {
-        let line = seal(format!("{ANNOUNCE_MARKER} role=master version=1 boot=b addr=nowhere"));
+        let line = seal(format!(
+            "{ANNOUNCE_MARKER} role=master version=1 boot=b addr=nowhere"
+        ));
         assert_eq!(
             Announcement::find(&line),
-            Some(Err(LineError::BadValue { field: "addr", value: "nowhere".into() }))
+            Some(Err(LineError::BadValue {
+                field: "addr",
+                value: "nowhere".into()
+            }))
         );
         let line = seal(format!("{ANNOUNCE_MARKER} role=boss version=1 boot=b"));
-        assert!(matches!(Announcement::find(&line), Some(Err(LineError::BadValue { field: "role", .. }))));
+        assert!(matches!(
+            Announcement::find(&line),
+            Some(Err(LineError::BadValue { field: "role", .. }))
+        ));
     }
 
     #[test]
     fn token_round_trips() {
-        let t = TokenLine { boot: "b1".into(), token: "abcdef".into() };
+        let t = TokenLine {
+            boot: "b1".into(),
+            token: "abcdef".into(),
+        };
         assert_eq!(TokenLine::find(&format!("noise {t}\n")), Some(Ok(t)));
     }
 }

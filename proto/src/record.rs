@@ -185,7 +185,10 @@ impl Record {
             }
             match serde_json::from_str(line) {
                 Ok(r) => records.push(r),
-                Err(source) => errors.push(ParseError { line: i + 1, source }),
+                Err(source) => errors.push(ParseError {
+                    line: i + 1,
+                    source,
+                }),
             }
         }
         (records, errors)
@@ -222,7 +225,11 @@ mod tests {
 
     #[test]
     fn torn_last_line_keeps_the_rest() {
-        let good = Record { ts_us: 1, boot: "b".into(), body: Body::AgentFinished {} };
+        let good = Record {
+            ts_us: 1,
+            boot: "b".into(),
+            body: Body::AgentFinished {},
+        };
         let mut text = String::from_utf8(good.to_line()).expect("utf8");
         text.push_str("{\"ts_us\":2,\"bo");
         let (records, errors) = Record::parse_all(&text);

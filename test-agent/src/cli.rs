@@ -1,0 +1,174 @@
+//! Command line: `test-agent run|bundle|version`, and the helpers when
+//! invoked as `lava-test-case` / `lava-test-set`.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_proto::console::{Announcement, Role};
+use ferry_proto::plan::v1::TestPlan;
+use ferry_proto::record::{Body, PLAN_FILE, RECORDS_DIR, RECORDS_FILE};
+use prost::Message;
+
+use crate::mirror::Mirror;
+use crate::records::RecordLog;
+use crate::runner::{run_plan, RunContext};
+use crate::{bundle, helpers, VERSION};
+
+#[derive(Parser)]
+#[command(name = "test-agent", version = VERSION, about = "Ferry's test agent: runs the test plan inside the test image")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the plan found on the rootfs, record everything, then reboot.
+    Run(RunArgs),
+    /// Write the tarball the master image carries (this binary plus helpers).
+    Bundle {
+        /// Where to write the .tar.gz.
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+/// How to get back to the master image once the plan is done.
+#[derive(Clone, Copy, ValueEnum)]
+enum RebootMode {
+    /// sync and reboot(2): a real board.
+    System,
+    /// Exit; the simulated board treats the test image's end as a reboot.
+    Exit,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Root of the test rootfs holding `ferry/`.
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Console to mirror the run to (default: standard output).
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Boot id (default: /proc/sys/kernel/random/boot_id).
+    #[arg(long)]
+    boot_id: Option<String>,
+    /// How to return to the master image.
+    #[arg(long, value_enum)]
+    reboot: RebootMode,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    let name = Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    if let Some(code) = helpers::dispatch(name, &rest) {
+        return code;
+    }
+    match Cli::parse().command {
+        Cmd::Run(args) => run(args),
+        Cmd::Bundle { output } => match bundle::write(&output) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("test-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn boot_id(given: Option<String>) -> String {
+    given
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let console: Box<dyn Write + Send> = match &args.console {
+        Some(p) => match OpenOptions::new().write(true).open(p) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                eprintln!(
+                    "test-agent: console {}: {e}; mirroring to stdout",
+                    p.display()
+                );
+                Box::new(std::io::stdout())
+            }
+        },
+        None => Box::new(std::io::stdout()),
+    };
+    let boot = boot_id(args.boot_id);
+    let mirror = Mirror::start(console);
+    mirror.line(
+        Announcement {
+            role: Role::Test,
+            version: VERSION.into(),
+            boot: boot.clone(),
+            addr: None,
+        }
+        .to_string(),
+    );
+
+    let code = match run_recorded(&args.root, &boot, &mirror) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            mirror.line(format!("[ferry] test-agent: {e}"));
+            ExitCode::FAILURE
+        }
+    };
+    mirror.line("[ferry] test-agent done; rebooting to the master image".into());
+    mirror.finish();
+    match args.reboot {
+        RebootMode::Exit => code,
+        RebootMode::System => {
+            nix::unistd::sync();
+            let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+            eprintln!("test-agent: reboot failed: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_recorded(root: &Path, boot: &str, mirror: &Mirror) -> anyhow::Result<()> {
+    let dir = root.join(RECORDS_DIR);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    let records = dir.join(RECORDS_FILE);
+    let mut log = RecordLog::open(&records, boot)?;
+    let plan_path = root.join(PLAN_FILE);
+    let plan = std::fs::read(&plan_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(TestPlan::decode(b.as_slice())?));
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            let message = format!("cannot read the plan {}: {e}", plan_path.display());
+            log.append_synced(Body::AgentMessage {
+                level: "error".into(),
+                message: message.clone(),
+            })?;
+            anyhow::bail!(message);
+        }
+    };
+    log.append_synced(Body::AgentStarted {
+        version: VERSION.into(),
+        job: plan.job.clone(),
+    })?;
+    let ctx = RunContext {
+        root: root.into(),
+        records,
+        boot_id: boot.into(),
+    };
+    run_plan(&ctx, &plan, &mut log, mirror)?;
+    log.append_synced(Body::AgentFinished {})?;
+    Ok(())
+}
