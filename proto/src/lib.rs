@@ -2,6 +2,7 @@
 //!
 //! - [`master::v1`]: the master agent's gRPC API (generated from `proto/`).
 //! - [`plan::v1`]: the test plan the dispatcher sends and the test agent runs.
+//! - [`boot`]: the boot-once flag the master image's init reads.
 //! - [`console`]: the lines agents and dispatcher exchange on the serial console.
 //! - [`record`]: the records the test agent writes on its rootfs and the
 //!   dispatcher reads back.
@@ -9,6 +10,7 @@
 //! Versioned packages let a newer dispatcher keep talking to boards whose
 //! master image was flashed long ago.
 
+pub mod boot;
 pub mod console;
 pub mod record;
 

@@ -1,0 +1,363 @@
+//! The agent's transport-free core: the board's lifecycle and the operations
+//! a dispatcher asks for. The gRPC service is a thin shim over this.
+//!
+//! Lifecycle: `ready` (deploys, installs, fetches allowed) -> `installed`
+//! (test agent on a partition) -> `boot-selected` -> `rebooting`. Calls out
+//! of order are refused, and a partition is never used by two calls at once.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::console::{say, ConsoleWriter};
+use crate::deploy::{self, DeployError, ImageSpec, Written, SOURCE_BROKE};
+use crate::install::{self, InstallError, Installed};
+use crate::platform::{self, PartitionInfo, Platform, PlatformError};
+use crate::results::{self, ResultsError};
+
+/// Where the board is in a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for work.
+    Ready,
+    /// The test agent is installed on this partition.
+    Installed(String),
+    /// The next boot is this partition.
+    BootSelected(String),
+    /// A reboot is under way.
+    Rebooting,
+}
+
+impl Phase {
+    /// Its name in replies.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Ready => "ready",
+            Phase::Installed(_) => "installed",
+            Phase::BootSelected(_) => "boot-selected",
+            Phase::Rebooting => "rebooting",
+        }
+    }
+}
+
+/// Why an operation failed; mapped to gRPC codes in one place (`service`).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Refused in the current phase.
+    #[error("{0}")]
+    Precondition(String),
+    /// The partition is in use by another call.
+    #[error("partition {0:?} is busy with another call")]
+    Busy(String),
+    /// From the platform.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    /// From writing an image.
+    #[error(transparent)]
+    Deploy(#[from] DeployError),
+    /// From installing the test side.
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    /// From reading records.
+    #[error(transparent)]
+    Results(#[from] ResultsError),
+    /// A blocking task died.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+struct Lifecycle {
+    phase: Phase,
+    busy: HashSet<String>,
+}
+
+/// The agent: one per boot.
+pub struct Agent {
+    platform: Arc<dyn Platform>,
+    config: Config,
+    boot_id: String,
+    version: String,
+    console: ConsoleWriter,
+    state: Mutex<Lifecycle>,
+}
+
+/// Releases a partition claimed by a call.
+struct Claim<'a> {
+    agent: &'a Agent,
+    partition: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.agent.state.lock() {
+            s.busy.remove(&self.partition);
+        }
+    }
+}
+
+/// A `Read` over chunks arriving on a channel (from the gRPC stream).
+pub struct ChannelReader {
+    rx: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    /// Reads what `rx` delivers until it closes.
+    pub fn new(rx: mpsc::Receiver<std::io::Result<Vec<u8>>>) -> Self {
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Err(e)) => return Err(std::io::Error::new(SOURCE_BROKE, e.to_string())),
+                Some(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))?
+}
+
+impl Agent {
+    /// An agent for this boot.
+    pub fn new(
+        platform: Arc<dyn Platform>,
+        config: Config,
+        boot_id: String,
+        console: ConsoleWriter,
+    ) -> Self {
+        Agent {
+            platform,
+            config,
+            boot_id,
+            version: crate::VERSION.into(),
+            console,
+            state: Mutex::new(Lifecycle {
+                phase: Phase::Ready,
+                busy: HashSet::new(),
+            }),
+        }
+    }
+
+    /// This boot's id.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    /// The platform's kind.
+    pub fn platform_kind(&self) -> &'static str {
+        self.platform.kind()
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.state
+            .lock()
+            .map(|s| s.phase.clone())
+            .unwrap_or(Phase::Rebooting)
+    }
+
+    fn with_state<T>(
+        &self,
+        f: impl FnOnce(&mut Lifecycle) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| AgentError::Task("state lock poisoned".into()))?;
+        f(&mut s)
+    }
+
+    /// Claims `partition` if the phase allows `what`.
+    fn claim(&self, partition: &str, what: &str) -> Result<Claim<'_>, AgentError> {
+        self.with_state(|s| {
+            if matches!(s.phase, Phase::BootSelected(_) | Phase::Rebooting) {
+                return Err(AgentError::Precondition(format!(
+                    "cannot {what} while {}",
+                    s.phase.name()
+                )));
+            }
+            if !s.busy.insert(partition.into()) {
+                return Err(AgentError::Busy(partition.into()));
+            }
+            Ok(())
+        })?;
+        Ok(Claim {
+            agent: self,
+            partition: partition.into(),
+        })
+    }
+
+    /// The partitions a job may name.
+    ///
+    /// # Errors
+    /// When they cannot be listed.
+    pub async fn partitions(&self) -> Result<Vec<PartitionInfo>, AgentError> {
+        let p = self.platform.clone();
+        blocking(move || Ok(p.partitions()?)).await
+    }
+
+    /// The bundled test agent's version.
+    ///
+    /// # Errors
+    /// When the bundle cannot be read.
+    pub async fn bundle_version(&self) -> Result<String, AgentError> {
+        let bundle = self.config.test_agent_bundle.clone();
+        blocking(move || Ok(install::bundle_version(&bundle)?)).await
+    }
+
+    /// Writes an image arriving on `chunks` to its partition.
+    ///
+    /// # Errors
+    /// Phase, busy partition, platform or deploy errors.
+    pub async fn deploy(
+        &self,
+        spec: ImageSpec,
+        chunks: mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    ) -> Result<Written, AgentError> {
+        let _claim = self.claim(&spec.partition, "deploy")?;
+        let platform = self.platform.clone();
+        let name = spec.partition.clone();
+        say(
+            &self.console,
+            &format!("[ferry] master-agent: deploying {} to {name}", spec.sha256),
+        );
+        let written = blocking(move || {
+            let target = platform.open_for_write(&spec.partition)?;
+            Ok(deploy::write_image(
+                ChannelReader::new(chunks),
+                target,
+                &spec,
+            )?)
+        })
+        .await?;
+        // A new image under an installed test agent undoes the install.
+        self.with_state(|s| {
+            if s.phase == Phase::Installed(name.clone()) {
+                s.phase = Phase::Ready;
+            }
+            Ok(())
+        })?;
+        Ok(written)
+    }
+
+    /// Installs the test agent and `plan` (encoded `TestPlan`) on `partition`.
+    ///
+    /// # Errors
+    /// Phase, busy partition, mount or install errors.
+    pub async fn install(&self, partition: String, plan: Vec<u8>) -> Result<Installed, AgentError> {
+        let _claim = self.claim(&partition, "install the test agent")?;
+        let platform = self.platform.clone();
+        let bundle = self.config.test_agent_bundle.clone();
+        let version = self.version.clone();
+        let part = partition.clone();
+        let installed = blocking(move || {
+            let mounted = platform.mount(&part, true)?;
+            let installed = install::install(mounted.path(), &bundle, &plan, &version)?;
+            mounted.unmount()?;
+            Ok(installed)
+        })
+        .await?;
+        self.with_state(|s| {
+            s.phase = Phase::Installed(partition);
+            Ok(())
+        })?;
+        Ok(installed)
+    }
+
+    /// Selects `partition` for the next boot only.
+    ///
+    /// # Errors
+    /// Unless the test agent was installed on that partition first.
+    pub async fn set_boot_once(&self, partition: String) -> Result<(), AgentError> {
+        self.with_state(|s| match &s.phase {
+            Phase::Installed(p) if *p == partition => Ok(()),
+            other => Err(AgentError::Precondition(format!(
+                "install the test agent on {partition:?} before selecting it for boot (state: {})",
+                other.name()
+            ))),
+        })?;
+        let platform = self.platform.clone();
+        let part = partition.clone();
+        blocking(move || Ok(platform::set_boot_once(platform.as_ref(), &part)?)).await?;
+        self.with_state(|s| {
+            s.phase = Phase::BootSelected(partition);
+            Ok(())
+        })
+    }
+
+    /// Starts a reboot shortly after the caller has replied.
+    ///
+    /// # Errors
+    /// When a reboot is already under way.
+    pub fn reboot(self: &Arc<Self>) -> Result<(), AgentError> {
+        self.with_state(|s| {
+            if s.phase == Phase::Rebooting {
+                return Err(AgentError::Precondition(
+                    "a reboot is already under way".into(),
+                ));
+            }
+            s.phase = Phase::Rebooting;
+            Ok(())
+        })?;
+        let agent = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(agent.config.reboot_delay).await;
+            say(&agent.console, "[ferry] master-agent: rebooting");
+            let platform = agent.platform.clone();
+            let result = tokio::task::spawn_blocking(move || platform.reboot()).await;
+            say(
+                &agent.console,
+                &format!("[ferry] master-agent: reboot failed: {result:?}"),
+            );
+        });
+        Ok(())
+    }
+
+    /// Streams the records on `partition` into `tx` as (file, bytes, last).
+    ///
+    /// # Errors
+    /// Phase, busy partition, mount or read errors.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        partition: String,
+        tx: mpsc::Sender<(String, Vec<u8>, bool)>,
+    ) -> Result<(), AgentError> {
+        let _claim = self.claim(&partition, "fetch results")?;
+        let platform = self.platform.clone();
+        blocking(move || {
+            let mounted = platform.mount(&partition, false)?;
+            results::for_each_chunk(mounted.path(), |name, bytes, last| {
+                tx.blocking_send((name.to_string(), bytes, last)).is_ok()
+            })?;
+            mounted.unmount()?;
+            Ok(())
+        })
+        .await
+    }
+}

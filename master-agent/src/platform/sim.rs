@@ -1,0 +1,142 @@
+//! The simulated board: partitions are files (block devices) or folders
+//! (filesystems), and reboot is the process exiting so the simulated board
+//! starts the next boot.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{Mounted, PartitionInfo, Platform, PlatformError, WriteTarget};
+
+/// One simulated partition.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SimPartition {
+    /// A file standing for a block device: images are written to it.
+    File(PathBuf),
+    /// A folder standing for a mounted filesystem.
+    Dir(PathBuf),
+}
+
+/// The simulated board's layout.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SimConfig {
+    /// Partitions by name.
+    pub partitions: BTreeMap<String, SimPartition>,
+}
+
+/// The simulated platform.
+#[derive(Debug)]
+pub struct SimPlatform {
+    config: SimConfig,
+    boot_flag: String,
+}
+
+impl SimPlatform {
+    /// A simulated board with these partitions; `boot_flag` names the boot-selection one.
+    pub fn new(config: SimConfig, boot_flag: String) -> Self {
+        SimPlatform { config, boot_flag }
+    }
+
+    fn get(&self, name: &str) -> Result<&SimPartition, PlatformError> {
+        self.config
+            .partitions
+            .get(name)
+            .ok_or_else(|| PlatformError::NoSuchPartition(name.into()))
+    }
+}
+
+fn open_rw(path: &PathBuf) -> Result<File, PlatformError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(PlatformError::io("opening", path))
+}
+
+impl Platform for SimPlatform {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn partitions(&self) -> Result<Vec<PartitionInfo>, PlatformError> {
+        self.config
+            .partitions
+            .iter()
+            .map(|(name, p)| {
+                Ok(match p {
+                    SimPartition::File(path) => PartitionInfo {
+                        name: name.clone(),
+                        size: std::fs::metadata(path)
+                            .map_err(PlatformError::io("reading", path))?
+                            .len(),
+                        deployable: *name != self.boot_flag,
+                        mountable: false,
+                    },
+                    SimPartition::Dir(_) => PartitionInfo {
+                        name: name.clone(),
+                        size: 0,
+                        deployable: false,
+                        mountable: true,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    fn open_for_write(&self, name: &str) -> Result<WriteTarget, PlatformError> {
+        if name == self.boot_flag {
+            return Err(PlatformError::Protected {
+                name: name.into(),
+                why: "it holds the boot selection".into(),
+            });
+        }
+        match self.get(name)? {
+            SimPartition::File(path) => {
+                let file = open_rw(path)?;
+                // A file partition has a fixed size, like a block device.
+                let capacity = file
+                    .metadata()
+                    .map_err(PlatformError::io("reading", path))?
+                    .len();
+                Ok(WriteTarget {
+                    file,
+                    capacity,
+                    path: path.clone(),
+                })
+            }
+            SimPartition::Dir(_) => Err(PlatformError::Protected {
+                name: name.into(),
+                why: "on the simulated board it is a folder, not a block device".into(),
+            }),
+        }
+    }
+
+    fn open_boot_flag(&self) -> Result<File, PlatformError> {
+        match self.get(&self.boot_flag)? {
+            SimPartition::File(path) => open_rw(path),
+            SimPartition::Dir(_) => Err(PlatformError::NotMountable {
+                name: self.boot_flag.clone(),
+                why: "the boot-selection partition must be a file".into(),
+            }),
+        }
+    }
+
+    fn mount(&self, name: &str, _writable: bool) -> Result<Mounted, PlatformError> {
+        match self.get(name)? {
+            SimPartition::Dir(path) => Ok(Mounted::folder(path.clone())),
+            SimPartition::File(_) => Err(PlatformError::NotMountable {
+                name: name.into(),
+                why: "on the simulated board only folder partitions hold filesystems".into(),
+            }),
+        }
+    }
+
+    fn reboot(&self) -> Result<(), PlatformError> {
+        // The simulated board boots again when its OS process ends.
+        std::process::exit(0)
+    }
+}

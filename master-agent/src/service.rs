@@ -1,0 +1,257 @@
+//! The gRPC service: authenticate (done by the interceptor), trace, call the
+//! core, map the error. Errors become gRPC codes here and nowhere else.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::master::v1 as pb;
+use ferry_proto::master::v1::master_agent_server::MasterAgent;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::agent::{Agent, AgentError};
+use crate::deploy::{Compression, DeployError, ImageSpec, SOURCE_BROKE};
+use crate::install::InstallError;
+use crate::platform::PlatformError;
+
+impl From<AgentError> for Status {
+    fn from(e: AgentError) -> Status {
+        let msg = e.to_string();
+        match e {
+            AgentError::Precondition(_) | AgentError::Busy(_) => Status::failed_precondition(msg),
+            AgentError::Platform(p) => match p {
+                PlatformError::NoSuchPartition(_) => Status::not_found(msg),
+                PlatformError::Protected { .. } => Status::permission_denied(msg),
+                PlatformError::NotMountable { .. } => Status::failed_precondition(msg),
+                PlatformError::Io { .. } => Status::internal(msg),
+            },
+            AgentError::Deploy(d) => match d {
+                DeployError::TooLarge { .. } => Status::out_of_range(msg),
+                DeployError::Checksum { .. } => Status::data_loss(msg),
+                DeployError::Corrupt { .. } => Status::invalid_argument(msg),
+                DeployError::Source { .. } => Status::aborted(msg),
+                DeployError::Write { .. } => Status::internal(msg),
+            },
+            AgentError::Install(i) => match i {
+                // The test rootfs is what the job deployed: its fault is the job's.
+                InstallError::Rootfs { .. } => Status::invalid_argument(msg),
+                InstallError::Bundle { .. }
+                | InstallError::Hostile { .. }
+                | InstallError::Version { .. } => Status::failed_precondition(msg),
+            },
+            AgentError::Results(_) => Status::internal(msg),
+            AgentError::Task(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// The gRPC face of an [`Agent`].
+pub struct Service {
+    agent: Arc<Agent>,
+    idle: Duration,
+}
+
+impl Service {
+    /// Serves `agent`; a deploy stream idle for `idle` is abandoned.
+    pub fn new(agent: Arc<Agent>, idle: Duration) -> Self {
+        Service { agent, idle }
+    }
+}
+
+fn compression(c: i32) -> Compression {
+    match pb::Compression::try_from(c) {
+        Ok(pb::Compression::None) => Compression::None,
+        Ok(pb::Compression::Gzip) => Compression::Gzip,
+        _ => Compression::Detect,
+    }
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ResultsChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MasterAgent for Service {
+    async fn get_info(
+        &self,
+        _req: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::AgentInfo>, Status> {
+        let partitions = self.agent.partitions().await?;
+        let test_agent_version = self
+            .agent
+            .bundle_version()
+            .await
+            .unwrap_or_else(|e| format!("unavailable: {e}"));
+        Ok(Response::new(pb::AgentInfo {
+            version: crate::VERSION.into(),
+            boot_id: self.agent.boot_id().into(),
+            platform: self.agent.platform_kind().into(),
+            partitions: partitions
+                .into_iter()
+                .map(|p| pb::Partition {
+                    name: p.name,
+                    size_bytes: p.size,
+                    deployable: p.deployable,
+                    mountable: p.mountable,
+                })
+                .collect(),
+            test_agent_version,
+            state: self.agent.phase().name().into(),
+        }))
+    }
+
+    async fn deploy(
+        &self,
+        req: Request<Streaming<pb::DeployRequest>>,
+    ) -> Result<Response<pb::DeployReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = tokio::time::timeout(self.idle, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no deploy header received"))??;
+        let Some(pb::DeployRequest {
+            msg: Some(pb::deploy_request::Msg::Header(h)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first Deploy message must be a header",
+            ));
+        };
+        if !is_sha256(&h.sha256) {
+            return Err(Status::invalid_argument(format!(
+                "sha256 {:?} is not 64 hex digits",
+                h.sha256
+            )));
+        }
+        let spec = ImageSpec {
+            partition: h.partition,
+            sha256: h.sha256.to_ascii_lowercase(),
+            compression: compression(h.compression),
+            source_size: h.source_size,
+        };
+        tracing::info!(partition = %spec.partition, source = %h.source_name, "deploy");
+        let (tx, rx) = mpsc::channel(8);
+        let agent = self.agent.clone();
+        let writer = tokio::spawn(async move { agent.deploy(spec, rx).await });
+        loop {
+            let next = match tokio::time::timeout(self.idle, stream.message()).await {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => break,
+                Ok(Err(status)) => {
+                    let _ = tx
+                        .send(Err(std::io::Error::new(
+                            SOURCE_BROKE,
+                            status.message().to_string(),
+                        )))
+                        .await;
+                    break;
+                }
+                Err(_) => {
+                    let e =
+                        std::io::Error::new(SOURCE_BROKE, format!("no data for {:?}", self.idle));
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            };
+            match next.msg {
+                Some(pb::deploy_request::Msg::Data(d)) => {
+                    if tx.send(Ok(d)).await.is_err() {
+                        break; // the writer stopped early; its error says why
+                    }
+                }
+                _ => {
+                    let e = std::io::Error::new(
+                        SOURCE_BROKE,
+                        "a second header arrived inside the image",
+                    );
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::DeployReply {
+            bytes_received: written.received,
+            bytes_written: written.written,
+            sha256: written.sha256,
+        }))
+    }
+
+    async fn install_test_agent(
+        &self,
+        req: Request<pb::InstallTestAgentRequest>,
+    ) -> Result<Response<pb::InstallTestAgentReply>, Status> {
+        let req = req.into_inner();
+        let plan = req
+            .plan
+            .ok_or_else(|| Status::invalid_argument("no test plan"))?;
+        tracing::info!(partition = %req.partition, definitions = plan.definitions.len(), "install test agent");
+        let installed = self
+            .agent
+            .install(req.partition, plan.encode_to_vec())
+            .await?;
+        Ok(Response::new(pb::InstallTestAgentReply {
+            test_agent_version: installed.version,
+            boot_hook: installed.hook.as_str().into(),
+        }))
+    }
+
+    async fn set_boot_once(
+        &self,
+        req: Request<pb::SetBootOnceRequest>,
+    ) -> Result<Response<pb::SetBootOnceReply>, Status> {
+        let partition = req.into_inner().partition;
+        tracing::info!(%partition, "boot once");
+        self.agent.set_boot_once(partition).await?;
+        Ok(Response::new(pb::SetBootOnceReply {}))
+    }
+
+    async fn reboot(
+        &self,
+        _req: Request<pb::RebootRequest>,
+    ) -> Result<Response<pb::RebootReply>, Status> {
+        tracing::info!("reboot");
+        self.agent.reboot()?;
+        Ok(Response::new(pb::RebootReply {}))
+    }
+
+    type FetchResultsStream = ChunkStream;
+
+    async fn fetch_results(
+        &self,
+        req: Request<pb::FetchResultsRequest>,
+    ) -> Result<Response<Self::FetchResultsStream>, Status> {
+        let partition = req.into_inner().partition;
+        tracing::info!(%partition, "fetch results");
+        let (tx, rx) = mpsc::channel(4);
+        let (out_tx, out_rx) = mpsc::channel(4);
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let forward = async {
+                let mut rx = ReceiverStream::new(rx);
+                while let Some((path, data, eof)) = rx.next().await {
+                    if out_tx
+                        .send(Ok(pb::ResultsChunk { path, data, eof }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(agent.fetch(partition, tx), forward);
+            if let Err(e) = result {
+                let _ = out_tx.send(Err(Status::from(e))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
