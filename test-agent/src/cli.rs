@@ -53,8 +53,8 @@ struct RunArgs {
     /// Console to mirror the run to (default: standard output).
     #[arg(long)]
     console: Option<PathBuf>,
-    /// Boot id (default: /proc/sys/kernel/random/boot_id).
-    #[arg(long)]
+    /// Boot id (default: /proc/sys/kernel/random/boot_id; the simulated board sets it).
+    #[arg(long, env = "FERRY_BOOT_ID")]
     boot_id: Option<String>,
     /// How to return to the master image.
     #[arg(long, value_enum)]

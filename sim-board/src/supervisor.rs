@@ -1,0 +1,271 @@
+//! The running board: owns the console pty and boots one OS after another.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use nix::pty::openpty;
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use nix::unistd::Pid;
+
+use crate::layout::{Layout, LayoutError};
+
+/// Why the board stopped unexpectedly.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The layout is broken.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn sys<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> SupervisorError {
+    move |e| SupervisorError::Sys {
+        what,
+        source: e.into(),
+    }
+}
+
+/// What the main loop waits for.
+enum Event {
+    /// The OS of boot `n` ended: a reboot.
+    Exited(u64),
+    /// Hard reset from the power command.
+    Reset,
+    /// Power off; reply on the stream once done.
+    Off(UnixStream),
+}
+
+/// Queued console output; dropped when the console is not being read, as
+/// bytes on a UART with nobody listening are.
+type ConsoleTx = SyncSender<Vec<u8>>;
+
+fn emit(console: &ConsoleTx, text: &str) {
+    let _ = console.try_send(text.as_bytes().to_vec());
+}
+
+fn pump(mut from: impl Read + Send + 'static, console: ConsoleTx) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            let _ = console.try_send(buf[..n].to_vec());
+        }
+    });
+}
+
+/// Runs the board until powered off.
+///
+/// # Errors
+/// When the pty or control socket cannot be set up.
+pub fn run(layout: &Layout) -> Result<(), SupervisorError> {
+    let board = layout.load()?;
+    let pty = openpty(None, None).map_err(sys("openpty"))?;
+    let mut t = tcgetattr(&pty.slave).map_err(sys("tcgetattr"))?;
+    cfmakeraw(&mut t);
+    tcsetattr(&pty.slave, SetArg::TCSANOW, &t).map_err(sys("tcsetattr"))?;
+    let slave_path = nix::unistd::ttyname(&pty.slave).map_err(sys("ttyname"))?;
+    let _ = std::fs::remove_file(layout.console());
+    std::os::unix::fs::symlink(&slave_path, layout.console()).map_err(sys("console symlink"))?;
+
+    let master = File::from(pty.master);
+    let mut master_out = master.try_clone().map_err(sys("dup pty"))?;
+    let (console, console_rx) = sync_channel::<Vec<u8>>(256);
+    std::thread::spawn(move || {
+        for bytes in console_rx {
+            let _ = master_out.write_all(&bytes);
+        }
+    });
+    // What the dispatcher types goes to the running OS's stdin.
+    let stdin: Arc<Mutex<Option<ChildStdin>>> = Arc::new(Mutex::new(None));
+    let typed = stdin.clone();
+    std::thread::spawn(move || {
+        let mut master_in = master;
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = master_in.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            if let Ok(mut s) = typed.lock() {
+                if let Some(s) = s.as_mut() {
+                    let _ = s.write_all(&buf[..n]);
+                }
+            }
+        }
+    });
+
+    let (events, rx) = channel();
+    let _ = std::fs::remove_file(layout.control());
+    let listener = UnixListener::bind(layout.control()).map_err(sys("control socket"))?;
+    let control = events.clone();
+    std::thread::spawn(move || serve_control(listener, control));
+
+    let result = boot_loop(layout, &board.master_agent, &console, &stdin, &events, &rx);
+    let _ = std::fs::remove_file(layout.console());
+    let _ = std::fs::remove_file(layout.control());
+    let _ = std::fs::remove_file(layout.os_pgid_file());
+    drop(pty.slave);
+    result
+}
+
+fn serve_control(listener: UnixListener, events: Sender<Event>) {
+    for stream in listener.incoming().flatten() {
+        let mut line = String::new();
+        let Ok(mut reader) = stream.try_clone().map(BufReader::new) else {
+            continue;
+        };
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        let mut stream = stream;
+        let event = match line.trim() {
+            "reset" => {
+                let _ = stream.write_all(b"ok\n");
+                Event::Reset
+            }
+            "off" => Event::Off(stream),
+            other => {
+                let _ = writeln!(stream, "unknown command {other:?}");
+                continue;
+            }
+        };
+        if events.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+fn banner(console: &ConsoleTx, boot: u64) {
+    emit(console, "\r\n[    0.000000] Linux version 6.1.0-ferry-sim (simulated board) #1 SMP PREEMPT_DYNAMIC\r\n");
+    emit(
+        console,
+        &format!("[    0.000000] Command line: console=ttyS0,115200 ferry.sim.boot={boot}\r\n"),
+    );
+    // A real UART often shows noise before the baud rate settles.
+    let _ = console.try_send(vec![
+        0x00, 0xff, 0xfe, b'~', 0x1b, b'[', b'0', b'm', b'\r', b'\n',
+    ]);
+    emit(console, "[    0.412345] Run /init as init process\r\n");
+}
+
+fn boot_loop(
+    layout: &Layout,
+    master_agent: &Path,
+    console: &ConsoleTx,
+    stdin: &Arc<Mutex<Option<ChildStdin>>>,
+    events: &Sender<Event>,
+    rx: &Receiver<Event>,
+) -> Result<(), SupervisorError> {
+    let mut boot = 0u64;
+    loop {
+        boot += 1;
+        banner(console, boot);
+        let boot_id = uuid::Uuid::new_v4().to_string();
+        let mut child = match take_boot_flag(layout) {
+            Some(part) => {
+                emit(console, &format!("[    0.500000] sim-board: boot-once flag set: booting the test image on {part}\r\n"));
+                test_os(layout, &part, &boot_id)
+            }
+            None => {
+                emit(console, "[    0.500000] sim-board: booting the master image\r\n");
+                let mut cmd = Command::new(master_agent);
+                cmd.arg("--config").arg(layout.agent_config()).arg("--boot-id").arg(&boot_id);
+                cmd
+            }
+        }
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(sys("starting the OS"))?;
+        let pgid = Pid::from_raw(child.id() as i32);
+        let _ = std::fs::write(layout.os_pgid_file(), format!("{pgid}\n"));
+        if let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) {
+            pump(out, console.clone());
+            pump(err, console.clone());
+        }
+        if let Ok(mut s) = stdin.lock() {
+            *s = child.stdin.take();
+        }
+        wait_in_thread(child, boot, events.clone());
+
+        loop {
+            match rx.recv() {
+                Ok(Event::Exited(n)) if n == boot => {
+                    emit(console, "[   99.000000] reboot: Restarting system\r\n");
+                    break;
+                }
+                Ok(Event::Exited(_)) => {}
+                Ok(Event::Reset) => {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    emit(console, "\r\n[sim-board] hard reset\r\n");
+                    break;
+                }
+                Ok(Event::Off(mut reply)) => {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    let _ = reply.write_all(b"ok\n");
+                    return Ok(());
+                }
+                Err(_) => {
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn wait_in_thread(mut child: Child, boot: u64, events: Sender<Event>) {
+    std::thread::spawn(move || {
+        let _ = child.wait();
+        let _ = events.send(Event::Exited(boot));
+    });
+}
+
+/// Reads and clears the boot-once flag, as the master image's init does:
+/// cleared before acting on it, so any later reset returns to the master.
+fn take_boot_flag(layout: &Layout) -> Option<String> {
+    let path = layout.part("bootsel");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    let mut sector = vec![0u8; ferry_proto::boot::SIZE];
+    let n = file.read(&mut sector).ok()?;
+    let part = ferry_proto::boot::decode(&sector[..n])?;
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.write_all(&vec![0u8; ferry_proto::boot::SIZE]).ok()?;
+    file.sync_all().ok()?;
+    Some(part)
+}
+
+/// The test image's "init": its `etc/init.d/S*` scripts in order, as
+/// busybox's rcS runs them. When they end, the simulated board reboots.
+fn test_os(layout: &Layout, part: &str, boot_id: &str) -> Command {
+    let root = layout.part(part);
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#"for s in "$FERRY_ROOT"/etc/init.d/S*; do [ -f "$s" ] && sh "$s" start; done; echo "[sim-board] test image init finished""#)
+        .env("FERRY_ROOT", root)
+        .env("FERRY_REBOOT", "exit")
+        .env("FERRY_BOOT_ID", boot_id);
+    cmd
+}
