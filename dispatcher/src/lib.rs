@@ -1,1 +1,20 @@
-//! placeholder
+//! Ferry's dispatcher: runs one job on one board, called once per job by a
+//! scheduler, and reports through its exit code and output folder.
+//!
+//! Module map: [`run`] is the job from power-on to results; [`job`] and
+//! [`device`] read the user's files; [`power`], [`console`] and [`client`]
+//! (with [`netns`]) talk to the board; [`events`] and [`report`] write the
+//! output folder; [`outcome`] is the exit-code contract.
+
+pub mod cli;
+pub mod client;
+pub mod console;
+pub mod device;
+pub mod events;
+pub mod job;
+pub mod netns;
+pub mod outcome;
+pub mod power;
+pub mod report;
+pub mod run;
+pub mod yaml;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -57,7 +57,15 @@ enum Cmd {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let layout = Layout::new(&cli.board);
+    // Absolute, so the board's processes do not depend on the caller's folder.
+    let board = match std::fs::create_dir_all(&cli.board).and_then(|()| cli.board.canonicalize()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("ferry-sim-board: board folder {}: {e}", cli.board.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let layout = Layout::new(&board);
     let result = match cli.command {
         Cmd::On => on(&layout, cli.agents, cli.timeout),
         Cmd::Off => off(&layout, cli.timeout),
@@ -100,8 +108,6 @@ fn on(layout: &Layout, agents: Option<PathBuf>, timeout: Duration) -> anyhow::Re
     if running(layout) {
         return Ok(());
     }
-    std::fs::create_dir_all(&layout.dir)
-        .with_context(|| format!("creating {}", layout.dir.display()))?;
     layout.ensure(&agents_dir(agents)?)?;
     let log = std::fs::OpenOptions::new()
         .create(true)

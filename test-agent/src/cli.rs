@@ -107,6 +107,8 @@ fn run(args: RunArgs) -> ExitCode {
         None => Box::new(std::io::stdout()),
     };
     let boot = boot_id(args.boot_id);
+    // Steps run in their own folders: the root must not depend on ours.
+    let root = std::path::absolute(&args.root).unwrap_or(args.root.clone());
     let mirror = Mirror::start(console);
     mirror.line(
         Announcement {
@@ -118,7 +120,7 @@ fn run(args: RunArgs) -> ExitCode {
         .to_string(),
     );
 
-    let code = match run_recorded(&args.root, &boot, &mirror) {
+    let code = match run_recorded(&root, &boot, &mirror) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             mirror.line(format!("[ferry] test-agent: {e}"));

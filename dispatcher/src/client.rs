@@ -1,0 +1,303 @@
+//! The dispatcher's side of the master agent API: connect (through the
+//! board's network namespace), authenticate with the console-issued token,
+//! and give every call a deadline.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_proto::master::v1 as pb;
+use ferry_proto::master::v1::master_agent_client::MasterAgentClient;
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::job::{Compression, DeployEntry};
+use crate::netns;
+use crate::outcome::Failure;
+
+/// Size of the chunks images are streamed in.
+const CHUNK: usize = 256 * 1024;
+
+type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+
+/// An authenticated connection to one boot's master agent.
+pub struct Session {
+    client: MasterAgentClient<InterceptedService<Channel, Auth>>,
+    rpc: Duration,
+}
+
+/// Maps a refused call to an outcome class, in one place: the agent refuses
+/// bad input with input codes (the job's fault), anything else is the lab's.
+pub fn failure(what: &str, status: &Status) -> Failure {
+    let message = format!("{what}: {} ({:?})", status.message(), status.code());
+    match status.code() {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::OutOfRange
+        | Code::PermissionDenied
+        | Code::DataLoss => Failure::job(message),
+        _ => Failure::infra(message),
+    }
+}
+
+fn with_deadline<T>(msg: T, timeout: Duration) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Session {
+    /// Connects to the agent at `addr` with `token`.
+    ///
+    /// # Errors
+    /// An infrastructure error when it cannot be reached within `rpc`.
+    pub async fn connect(
+        addr: SocketAddr,
+        namespace: Option<String>,
+        token: &str,
+        rpc: Duration,
+    ) -> Result<Self, Failure> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Failure::infra(format!("agent address {addr}: {e}")))?
+            .connect_timeout(rpc);
+        let channel = endpoint
+            .connect_with_connector(tower::service_fn(move |_| {
+                let ns = namespace.clone();
+                async move {
+                    netns::connect(addr, ns.as_deref(), rpc)
+                        .await
+                        .map(TokioIo::new)
+                }
+            }))
+            .await
+            .map_err(|e| {
+                Failure::infra(format!("cannot connect to the master agent at {addr}: {e}"))
+            })?;
+        let bearer: MetadataValue<_> = ferry_proto::bearer(token)
+            .parse()
+            .map_err(|_| Failure::infra("token is not valid metadata"))?;
+        let auth: Auth = Box::new(move |mut req: Request<()>| {
+            req.metadata_mut()
+                .insert(ferry_proto::AUTH_METADATA_KEY, bearer.clone());
+            Ok(req)
+        });
+        Ok(Session {
+            client: MasterAgentClient::with_interceptor(channel, auth),
+            rpc,
+        })
+    }
+
+    /// Asks who the agent is.
+    ///
+    /// # Errors
+    /// The mapped failure.
+    pub async fn info(&mut self) -> Result<pb::AgentInfo, Failure> {
+        let r = self
+            .client
+            .get_info(with_deadline(pb::GetInfoRequest {}, self.rpc))
+            .await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| failure("GetInfo", &s))
+    }
+
+    /// Streams one image to the agent, hashing it on the way: a file that
+    /// does not match the job's sha256 is the job's fault, while a mismatch
+    /// seen only by the agent means the transfer was corrupted.
+    ///
+    /// # Errors
+    /// The mapped failure.
+    pub async fn deploy(
+        &mut self,
+        entry: &DeployEntry,
+        timeout: Duration,
+    ) -> Result<pb::DeployReply, Failure> {
+        let mut file = tokio::fs::File::open(&entry.image)
+            .await
+            .map_err(|e| Failure::job(format!("image {}: {e}", entry.image.display())))?;
+        let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let header = pb::DeployHeader {
+            partition: entry.to.clone(),
+            sha256: entry.sha256.to_ascii_lowercase(),
+            compression: match entry.compression {
+                None => pb::Compression::Unspecified,
+                Some(Compression::None) => pb::Compression::None,
+                Some(Compression::Gzip) => pb::Compression::Gzip,
+            } as i32,
+            source_size: size,
+            source_name: entry.image.display().to_string(),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let path = entry.image.clone();
+        let reader = tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let msg = |m| pb::DeployRequest { msg: Some(m) };
+            if tx
+                .send(msg(pb::deploy_request::Msg::Header(header)))
+                .await
+                .is_err()
+            {
+                return Ok(hex(&hasher.finalize()));
+            }
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = file.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(hex(&hasher.finalize()));
+                }
+                buf.truncate(n);
+                hasher.update(&buf);
+                if tx
+                    .send(msg(pb::deploy_request::Msg::Data(buf)))
+                    .await
+                    .is_err()
+                {
+                    return Ok(String::new()); // the agent stopped reading; its status says why
+                }
+            }
+        });
+        let result = self
+            .client
+            .deploy(with_deadline(ReceiverStream::new(rx), timeout))
+            .await;
+        let local = reader
+            .await
+            .map_err(|e| Failure::infra(format!("image reader: {e}")))?;
+        let local =
+            local.map_err(|e| Failure::job(format!("reading image {}: {e}", path.display())))?;
+        if !local.is_empty() && !local.eq_ignore_ascii_case(&entry.sha256) {
+            return Err(Failure::job(format!(
+                "image {} has sha256 {local}, but the job says {}",
+                path.display(),
+                entry.sha256
+            )));
+        }
+        match result {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) if s.code() == Code::DataLoss => Err(Failure::infra(format!(
+                "image {} was corrupted in transfer (it matches the job's sha256 here): {}",
+                path.display(),
+                s.message()
+            ))),
+            Err(s) => Err(failure(
+                &format!("deploying {} to {}", path.display(), entry.to),
+                &s,
+            )),
+        }
+    }
+
+    /// Installs the test agent and plan on `partition`.
+    ///
+    /// # Errors
+    /// The mapped failure.
+    pub async fn install(
+        &mut self,
+        partition: &str,
+        plan: ferry_proto::plan::v1::TestPlan,
+    ) -> Result<pb::InstallTestAgentReply, Failure> {
+        let req = pb::InstallTestAgentRequest {
+            partition: partition.into(),
+            plan: Some(plan),
+        };
+        let r = self
+            .client
+            .install_test_agent(with_deadline(req, self.rpc))
+            .await;
+        r.map(|r| r.into_inner())
+            .map_err(|s| failure("InstallTestAgent", &s))
+    }
+
+    /// Selects `partition` for the next boot only.
+    ///
+    /// # Errors
+    /// The mapped failure.
+    pub async fn boot_once(&mut self, partition: &str) -> Result<(), Failure> {
+        let req = pb::SetBootOnceRequest {
+            partition: partition.into(),
+        };
+        let r = self
+            .client
+            .set_boot_once(with_deadline(req, self.rpc))
+            .await;
+        r.map(|_| ()).map_err(|s| failure("SetBootOnce", &s))
+    }
+
+    /// Asks the board to reboot.
+    ///
+    /// # Errors
+    /// The mapped failure.
+    pub async fn reboot(&mut self) -> Result<(), Failure> {
+        let r = self
+            .client
+            .reboot(with_deadline(pb::RebootRequest {}, self.rpc))
+            .await;
+        r.map(|_| ()).map_err(|s| failure("Reboot", &s))
+    }
+
+    /// Fetches the records on `partition` into `dir`; returns the files written.
+    ///
+    /// # Errors
+    /// The mapped failure; files completed before it stay written.
+    pub async fn fetch(
+        &mut self,
+        partition: &str,
+        dir: &Path,
+        timeout: Duration,
+    ) -> Result<Vec<String>, Failure> {
+        let req = pb::FetchResultsRequest {
+            partition: partition.into(),
+        };
+        let mut stream = self
+            .client
+            .fetch_results(with_deadline(req, timeout))
+            .await
+            .map_err(|s| failure("FetchResults", &s))?
+            .into_inner();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure::infra(format!("creating {}: {e}", dir.display())))?;
+        let mut files = Vec::new();
+        let mut current: Option<(String, std::fs::File)> = None;
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| failure("FetchResults", &s))?
+        {
+            // Names come from the board: keep only a plain file name.
+            let name = Path::new(&chunk.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .filter(|n| !n.starts_with('.'))
+                .ok_or_else(|| {
+                    Failure::infra(format!("agent sent a bad file name {:?}", chunk.path))
+                })?;
+            if current.as_ref().map(|(n, _)| n != &name).unwrap_or(true) {
+                let f = std::fs::File::create(dir.join(&name)).map_err(|e| {
+                    Failure::infra(format!("writing {}: {e}", dir.join(&name).display()))
+                })?;
+                current = Some((name.clone(), f));
+            }
+            if let Some((_, f)) = current.as_mut() {
+                use std::io::Write;
+                f.write_all(&chunk.data)
+                    .map_err(|e| Failure::infra(format!("writing {name}: {e}")))?;
+            }
+            if chunk.eof {
+                if let Some((n, f)) = current.take() {
+                    let _ = f.sync_all();
+                    files.push(n);
+                }
+            }
+        }
+        Ok(files)
+    }
+}

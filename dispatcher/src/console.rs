@@ -1,0 +1,210 @@
+//! The board's console: opened from the device file (tty, TCP serial server
+//! or a command), every byte logged with its time, lines scanned for agent
+//! announcements and kernel panics, and the token written back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::console::{Announcement, TokenLine};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::device::Console as Spec;
+use crate::events::EventLog;
+use crate::outcome::Failure;
+
+/// Kernel text that means the board will not get anywhere by itself.
+const PANIC_MARKERS: [&str; 2] = ["Kernel panic - not syncing", "---[ end Kernel panic"];
+
+/// What the console reader saw.
+#[derive(Debug)]
+enum Seen {
+    Line(String),
+    Closed(String),
+}
+
+/// Something worth acting on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// An agent announced itself.
+    Announce(Announcement),
+    /// The kernel panicked.
+    Panic(String),
+    /// The console went away.
+    Closed(String),
+    /// Nothing of interest before the deadline.
+    Timeout,
+}
+
+type Reader = Pin<Box<dyn AsyncRead + Send>>;
+type Writer = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// An open console.
+pub struct Console {
+    writer: Writer,
+    lines: mpsc::UnboundedReceiver<Seen>,
+    closed: Option<String>,
+    _child: Option<tokio::process::Child>,
+}
+
+async fn open_once(
+    spec: &Spec,
+) -> std::io::Result<(Reader, Writer, Option<tokio::process::Child>)> {
+    match spec {
+        Spec::Tty { path, baud } => {
+            let port =
+                tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), *baud))
+                    .map_err(std::io::Error::from)?;
+            let (r, w) = tokio::io::split(port);
+            Ok((Box::pin(r), Box::pin(w), None))
+        }
+        Spec::Tcp(addr) => {
+            let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
+            let (r, w) = s.into_split();
+            Ok((Box::pin(r), Box::pin(w), None))
+        }
+        Spec::Command(cmd) => {
+            let mut child = tokio::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let (Some(r), Some(w)) = (child.stdout.take(), child.stdin.take()) else {
+                return Err(std::io::Error::other("console command has no stdio"));
+            };
+            Ok((Box::pin(r), Box::pin(w), Some(child)))
+        }
+    }
+}
+
+fn describe(spec: &Spec) -> String {
+    match spec {
+        Spec::Tty { path, baud } => format!("tty {} at {baud} baud", path.display()),
+        Spec::Tcp(a) => format!("TCP serial server {a}"),
+        Spec::Command(c) => format!("console command `{c}`"),
+    }
+}
+
+impl Console {
+    /// Opens the console, retrying until `timeout` (a pty or serial server
+    /// may appear only once the board is powered).
+    ///
+    /// # Errors
+    /// An infrastructure error when it cannot be opened in time.
+    pub async fn open(
+        spec: &Spec,
+        timeout: Duration,
+        events: Arc<EventLog>,
+    ) -> Result<Self, Failure> {
+        let deadline = Instant::now() + timeout;
+        let (reader, writer, child) = loop {
+            match open_once(spec).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(Failure::infra(format!(
+                        "cannot open console ({}): {e}",
+                        describe(spec)
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        events.event(
+            "dispatcher",
+            json!({ "message": format!("console open: {}", describe(spec)) }),
+        );
+        let (tx, lines) = mpsc::unbounded_channel();
+        tokio::spawn(read(reader, tx, events));
+        Ok(Console {
+            writer,
+            lines,
+            closed: None,
+            _child: child,
+        })
+    }
+
+    /// Writes this boot's token line.
+    ///
+    /// # Errors
+    /// An infrastructure error when the console cannot be written in time.
+    pub async fn send_token(&mut self, line: &TokenLine, timeout: Duration) -> Result<(), Failure> {
+        // Lead with a newline so the token never joins a half-typed line.
+        let text = format!("\n{line}\n");
+        let write = async {
+            self.writer.write_all(text.as_bytes()).await?;
+            self.writer.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::infra(format!(
+                "writing the token to the console: {e}"
+            ))),
+            Err(_) => Err(Failure::infra("writing the token to the console timed out")),
+        }
+    }
+
+    /// Waits for the next announcement, panic or close, until `deadline`.
+    pub async fn next_signal(&mut self, deadline: Instant, events: &EventLog) -> Signal {
+        if let Some(reason) = &self.closed {
+            return Signal::Closed(reason.clone());
+        }
+        loop {
+            let seen = match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Err(_) => return Signal::Timeout,
+                Ok(None) => Seen::Closed("console reader stopped".into()),
+                Ok(Some(s)) => s,
+            };
+            match seen {
+                Seen::Closed(reason) => {
+                    self.closed = Some(reason.clone());
+                    return Signal::Closed(reason);
+                }
+                Seen::Line(line) => {
+                    if PANIC_MARKERS.iter().any(|m| line.contains(m)) {
+                        return Signal::Panic(line.trim().to_string());
+                    }
+                    match Announcement::find(&line) {
+                        Some(Ok(a)) => return Signal::Announce(a),
+                        Some(Err(e)) => {
+                            events.say("dispatcher", format!("ignored a garbled announcement: {e}"))
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the console until it closes: log every chunk, hand on whole lines.
+async fn read(mut reader: Reader, tx: mpsc::UnboundedSender<Seen>, events: Arc<EventLog>) {
+    let mut buf = vec![0u8; 4096];
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) => {
+                let _ = tx.send(Seen::Closed("end of file".into()));
+                return;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                let _ = tx.send(Seen::Closed(e.to_string()));
+                return;
+            }
+        };
+        events.console(&buf[..n]);
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                let _ = tx.send(Seen::Line(String::from_utf8_lossy(&line).into_owned()));
+                line.clear();
+            } else if line.len() < 64 * 1024 {
+                line.push(b);
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The device file: how to power, hear and reach one board. It arrives with
+//! each job (the dispatcher has no global config). Relative paths, and the
+//! power commands' working folder, are the device file's folder.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::outcome::Failure;
+use crate::yaml;
+
+/// Shell commands that control the board's power, as a PDU client is called.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Power {
+    /// Power on.
+    pub on: Option<String>,
+    /// Power off; run at the end of every job.
+    pub off: String,
+    /// Hard reset; used when the board must be forced back (off then on when absent).
+    pub reset: Option<String>,
+}
+
+/// Where the console is, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleFile {
+    tty: Option<PathBuf>,
+    #[serde(default = "default_baud")]
+    baud: u32,
+    tcp: Option<String>,
+    command: Option<String>,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+
+/// Where the console is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Console {
+    /// A tty (serial adapter or pty) at a baud rate.
+    Tty {
+        /// The device path.
+        path: PathBuf,
+        /// Baud rate.
+        baud: u32,
+    },
+    /// A TCP serial server (ser2net raw mode), `host:port`.
+    Tcp(String),
+    /// A command whose stdin/stdout is the console.
+    Command(String),
+}
+
+/// Network settings for reaching the agent.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// Network namespace (by name, under /run/netns, or a path) the board's
+    /// network lives in; the dispatcher dials the agent from inside it.
+    pub namespace: Option<String>,
+}
+
+/// Device timeouts: every wait on the board has one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// One power command.
+    #[serde(with = "humantime_serde")]
+    pub power: Duration,
+    /// Opening the console once power is on.
+    #[serde(with = "humantime_serde")]
+    pub console: Duration,
+    /// From power-on or reboot to the master agent's announcement.
+    #[serde(with = "humantime_serde")]
+    pub announce: Duration,
+    /// One agent call (connect included), deploys and fetches aside.
+    #[serde(with = "humantime_serde")]
+    pub rpc: Duration,
+    /// Fetching the recorded results back.
+    #[serde(with = "humantime_serde")]
+    pub fetch: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            power: Duration::from_secs(30),
+            console: Duration::from_secs(10),
+            announce: Duration::from_secs(120),
+            rpc: Duration::from_secs(30),
+            fetch: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceFile {
+    device: String,
+    power: Power,
+    console: ConsoleFile,
+    #[serde(default)]
+    network: Network,
+    partitions: Vec<String>,
+    #[serde(default = "default_test_rootfs")]
+    test_rootfs: String,
+    #[serde(default)]
+    timeouts: Timeouts,
+}
+
+fn default_test_rootfs() -> String {
+    "testrootfs".into()
+}
+
+/// A validated device description.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// The board's name.
+    pub name: String,
+    /// The device file.
+    pub path: PathBuf,
+    /// Folder power commands run in.
+    pub dir: PathBuf,
+    /// Power commands.
+    pub power: Power,
+    /// The console.
+    pub console: Console,
+    /// Network settings.
+    pub network: Network,
+    /// Partitions jobs may deploy to.
+    pub partitions: Vec<String>,
+    /// The partition holding the test rootfs.
+    pub test_rootfs: String,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Device {
+    /// Loads and checks a device file.
+    ///
+    /// # Errors
+    /// A job error naming the file, line and key.
+    pub fn load(path: &Path) -> Result<Self, Failure> {
+        let file: DeviceFile =
+            yaml::load(path).map_err(|e| Failure::job(format!("device file {e}")))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let bad = |msg: &str| Failure::job(format!("device file {}: {msg}", path.display()));
+        let c = file.console;
+        let console = match (c.tty, c.tcp, c.command) {
+            (Some(tty), None, None) => Console::Tty {
+                path: dir.join(tty),
+                baud: c.baud,
+            },
+            (None, Some(addr), None) => Console::Tcp(addr),
+            (None, None, Some(cmd)) => Console::Command(cmd),
+            _ => {
+                return Err(bad(
+                    "console: give exactly one of `tty`, `tcp` or `command`",
+                ))
+            }
+        };
+        if file.power.on.is_none() && file.power.reset.is_none() {
+            return Err(bad("power: give `on` or `reset` (or both)"));
+        }
+        if !file.partitions.contains(&file.test_rootfs) {
+            return Err(bad(&format!(
+                "test_rootfs: {:?} is not listed in `partitions`",
+                file.test_rootfs
+            )));
+        }
+        Ok(Device {
+            name: file.device,
+            path: path.into(),
+            dir,
+            power: file.power,
+            console,
+            network: file.network,
+            partitions: file.partitions,
+            test_rootfs: file.test_rootfs,
+            timeouts: file.timeouts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Device, Failure> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("dev.yaml");
+        std::fs::write(&path, text).expect("w");
+        Device::load(&path)
+    }
+
+    const GOOD: &str = "device: b\npower: {on: 'true', off: 'true'}\nconsole: {tty: console}\npartitions: [testrootfs]\n";
+
+    #[test]
+    fn defaults_and_relative_tty() {
+        let d = load(GOOD).expect("ok");
+        assert!(
+            matches!(&d.console, Console::Tty { path, baud: 115_200 } if path.ends_with("console") && path.is_absolute())
+        );
+        assert_eq!(d.timeouts.rpc, Duration::from_secs(30));
+        assert_eq!(d.test_rootfs, "testrootfs");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(&format!("{GOOD}colour: red\n")).expect_err("unknown");
+        assert!(
+            e.message.contains(":5:1: unknown field `colour`"),
+            "{}",
+            e.message
+        );
+        let e = load("device: b\npower: {on: x, off: y}\nconsole: {tty: a, tcp: 'h:1'}\npartitions: [testrootfs]\n")
+            .expect_err("two consoles");
+        assert!(
+            e.message.contains("console: give exactly one"),
+            "{}",
+            e.message
+        );
+        let e = load("device: b\npower: {on: x, off: y}\nconsole: {tty: a}\npartitions: [testrootfs]\ntimeouts: {rpc: soon}\n")
+            .expect_err("bad duration");
+        assert!(
+            e.message.contains(":5:") && e.message.contains("timeouts.rpc"),
+            "{}",
+            e.message
+        );
+    }
+}

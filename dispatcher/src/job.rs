@@ -1,0 +1,403 @@
+//! The job file and the LAVA test definitions it names, checked up front
+//! (before the board is touched) and turned into the test plan.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_proto::plan::v1::{Definition, Param, TestPlan};
+use serde::Deserialize;
+use serde_norway::{Mapping, Value};
+
+use crate::device::Device;
+use crate::outcome::Failure;
+use crate::yaml;
+
+/// LAVA's test definition format string.
+pub const LAVA_FORMAT: &str = "Lava-Test Test Definition 1.0";
+
+/// Job timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// The whole job.
+    #[serde(with = "humantime_serde")]
+    pub job: Duration,
+    /// All deploys together.
+    #[serde(with = "humantime_serde")]
+    pub deploy: Duration,
+    /// From rebooting into the test image until the board is back in its master image.
+    #[serde(with = "humantime_serde")]
+    pub test: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            job: Duration::from_secs(3600),
+            deploy: Duration::from_secs(1200),
+            test: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// Compression of an image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Raw.
+    None,
+    /// gzip.
+    Gzip,
+}
+
+/// One image to write.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployEntry {
+    /// The image file, relative to the job file.
+    pub image: PathBuf,
+    /// The target partition, named in the device file.
+    pub to: String,
+    /// sha256 of the image file as given.
+    pub sha256: String,
+    /// Compression; detected from the first bytes when absent.
+    #[serde(default)]
+    pub compression: Option<Compression>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestSection {
+    definitions: Vec<DefinitionRef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DefinitionRef {
+    path: Option<PathBuf>,
+    inline: Option<LavaDefinition>,
+    name: Option<String>,
+    #[serde(default)]
+    parameters: Mapping,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    skip_install: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobFile {
+    job: String,
+    #[serde(default)]
+    timeouts: Timeouts,
+    #[serde(default)]
+    deploy: Vec<DeployEntry>,
+    test: Option<TestSection>,
+}
+
+/// A LAVA "Lava-Test Test Definition 1.0".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LavaDefinition {
+    metadata: Metadata,
+    #[serde(default)]
+    params: Option<Mapping>,
+    #[serde(default)]
+    parameters: Option<Mapping>,
+    #[serde(default)]
+    install: Option<Install>,
+    run: Run,
+    #[serde(default)]
+    parse: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Metadata {
+    format: String,
+    name: String,
+    // description, maintainer, os, scope, devices, environment: informative.
+    #[serde(flatten)]
+    _other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Install {
+    #[serde(default)]
+    steps: Vec<Value>,
+    #[serde(flatten)]
+    other: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Run {
+    steps: Vec<Value>,
+}
+
+/// A checked job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The job's name.
+    pub name: String,
+    /// The job file.
+    pub path: PathBuf,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Images to write, paths resolved.
+    pub deploy: Vec<DeployEntry>,
+    /// The test plan (empty when the job has no `test`).
+    pub plan: TestPlan,
+    /// Things accepted but not acted on, for the log and summary.
+    pub warnings: Vec<String>,
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Null => Some(String::new()),
+        _ => None,
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+fn valid_var(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Adds `map`'s entries to `params`, replacing same-named ones in place.
+fn merge_params(params: &mut Vec<Param>, map: &Mapping, origin: &str) -> Result<(), Failure> {
+    for (k, v) in map {
+        let name = scalar(k).filter(|n| valid_var(n)).ok_or_else(|| {
+            Failure::job(format!(
+                "{origin}: parameter name {k:?} is not a shell variable name"
+            ))
+        })?;
+        let value = scalar(v)
+            .ok_or_else(|| Failure::job(format!("{origin}: parameter {name} must be a scalar")))?;
+        match params.iter_mut().find(|p| p.name == name) {
+            Some(p) => p.value = value,
+            None => params.push(Param { name, value }),
+        }
+    }
+    Ok(())
+}
+
+fn steps(values: &[Value], origin: &str, key: &str) -> Result<Vec<String>, Failure> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            scalar(v)
+                .ok_or_else(|| Failure::job(format!("{origin}: {key}[{i}] must be a shell line")))
+        })
+        .collect()
+}
+
+impl Job {
+    /// Loads a job file, its definitions and images, and checks them against the device.
+    ///
+    /// # Errors
+    /// A job error naming the file, line and key, or the entry at fault.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, Failure> {
+        let file: JobFile = yaml::load(path).map_err(|e| Failure::job(format!("job file {e}")))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let at = |key: String| format!("job file {}: {key}", path.display());
+        if !valid_name(&file.job) {
+            return Err(Failure::job(at(format!(
+                "job: {:?} must match [-_a-zA-Z0-9.]+",
+                file.job
+            ))));
+        }
+        let mut deploy = Vec::new();
+        for (i, mut d) in file.deploy.into_iter().enumerate() {
+            if !device.partitions.contains(&d.to) {
+                return Err(Failure::job(at(format!(
+                    "deploy[{i}].to: partition {:?} is not in the device file's partitions {:?}",
+                    d.to, device.partitions
+                ))));
+            }
+            if !is_sha256(&d.sha256) {
+                return Err(Failure::job(at(format!(
+                    "deploy[{i}].sha256: {:?} is not 64 hex digits",
+                    d.sha256
+                ))));
+            }
+            d.image = dir.join(&d.image);
+            if !d.image.is_file() {
+                return Err(Failure::job(at(format!(
+                    "deploy[{i}].image: {} is not a readable file",
+                    d.image.display()
+                ))));
+            }
+            deploy.push(d);
+        }
+
+        let mut warnings = Vec::new();
+        let mut definitions: Vec<Definition> = Vec::new();
+        for (i, r) in file
+            .test
+            .map(|t| t.definitions)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let key = format!("test.definitions[{i}]");
+            let (def, origin) = match (&r.path, r.inline) {
+                (Some(p), None) => {
+                    let full = dir.join(p);
+                    let def: LavaDefinition = yaml::load(&full)
+                        .map_err(|e| Failure::job(format!("test definition {e}")))?;
+                    (def, full.display().to_string())
+                }
+                (None, Some(def)) => (def, format!("{} {key}.inline", path.display())),
+                _ => {
+                    return Err(Failure::job(at(format!(
+                        "{key}: give exactly one of `path` or `inline`"
+                    ))))
+                }
+            };
+            if def.metadata.format != LAVA_FORMAT {
+                return Err(Failure::job(format!(
+                    "{origin}: metadata.format is {:?}; expected {LAVA_FORMAT:?}",
+                    def.metadata.format
+                )));
+            }
+            let name = r.name.unwrap_or_else(|| def.metadata.name.clone());
+            if !valid_name(&name) {
+                return Err(Failure::job(format!(
+                    "{origin}: name {name:?} must match [-_a-zA-Z0-9.]+"
+                )));
+            }
+            if definitions.iter().any(|d| d.name == name) {
+                return Err(Failure::job(at(format!(
+                    "{key}: a definition named {name:?} is already in this job"
+                ))));
+            }
+            let mut params = Vec::new();
+            for map in [&def.params, &def.parameters].into_iter().flatten() {
+                merge_params(&mut params, map, &origin)?;
+            }
+            merge_params(&mut params, &r.parameters, &at(format!("{key}.parameters")))?;
+            let mut lines = Vec::new();
+            if let Some(install) = &def.install {
+                if !r.skip_install {
+                    lines.extend(steps(&install.steps, &origin, "install.steps")?);
+                }
+                let ignored: Vec<_> = install.other.keys().cloned().collect();
+                if !ignored.is_empty() {
+                    warnings.push(format!(
+                        "{name}: install keys {ignored:?} are deprecated in LAVA and not acted on"
+                    ));
+                }
+            }
+            lines.extend(steps(&def.run.steps, &origin, "run.steps")?);
+            if def.parse.is_some() {
+                warnings.push(format!(
+                    "{name}: `parse` patterns are not applied yet; use lava-test-case"
+                ));
+            }
+            definitions.push(Definition {
+                name,
+                steps: lines,
+                params,
+                timeout_seconds: r.timeout.map_or(0, |t| t.as_secs().max(1)),
+                origin,
+            });
+        }
+        Ok(Job {
+            name: file.job.clone(),
+            path: path.into(),
+            timeouts: file.timeouts,
+            deploy,
+            plan: TestPlan {
+                job: file.job,
+                definitions,
+            },
+            warnings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Files(tempfile::TempDir);
+    impl Files {
+        fn new() -> Self {
+            let f = Files(tempfile::tempdir().expect("tmp"));
+            f.write("dev.yaml", "device: b\npower: {on: x, off: y}\nconsole: {tty: c}\npartitions: [testrootfs, fw]\n");
+            f
+        }
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let p = self.0.path().join(name);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, text).expect("w");
+            p
+        }
+        fn load(&self, job: &str) -> Result<Job, Failure> {
+            let dev = Device::load(&self.0.path().join("dev.yaml")).expect("device");
+            Job::load(&self.write("job.yaml", job), &dev)
+        }
+    }
+
+    const DEF: &str = "metadata:\n  format: Lava-Test Test Definition 1.0\n  name: smoke\n  description: d\nparams:\n  A: 1\n  B: two\nrun:\n  steps:\n    - echo $A\n    - lava-test-case x --result pass\n";
+
+    #[test]
+    fn builds_the_plan_with_parameter_overrides() {
+        let f = Files::new();
+        f.write("defs/smoke.yaml", DEF);
+        let job = f
+            .load("job: j\ntest:\n  definitions:\n    - path: defs/smoke.yaml\n      parameters: {B: three, C: 4}\n      timeout: 90s\n    - inline:\n        metadata: {format: Lava-Test Test Definition 1.0, name: other}\n        run: {steps: [true]}\n")
+            .expect("job");
+        let d = &job.plan.definitions;
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].name, "smoke");
+        let params: Vec<_> = d[0]
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(params, vec![("A", "1"), ("B", "three"), ("C", "4")]);
+        assert_eq!(d[0].timeout_seconds, 90);
+        assert_eq!(d[1].steps, vec!["true"]);
+    }
+
+    #[test]
+    fn job_errors_say_where() {
+        let f = Files::new();
+        f.write("defs/smoke.yaml", DEF);
+        f.write("img", "x");
+        let cases = [
+            ("job: j\nfrobnicate: 1\n", "job.yaml:2:1: unknown field `frobnicate`"),
+            ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: x, name: y}\n        run: {stepz: []}\n", "job.yaml:6:15: test.definitions[0].inline.run: unknown field `stepz`"),
+            ("job: j\ntest:\n  definitions:\n    - path: defs/smoke.yaml\n    - path: defs/smoke.yaml\n", "test.definitions[1]: a definition named \"smoke\" is already in this job"),
+            ("job: j\ndeploy:\n  - {image: img, to: nowhere, sha256: x}\n", "deploy[0].to: partition \"nowhere\""),
+            ("job: j\ndeploy:\n  - {image: img, to: fw, sha256: abc}\n", "deploy[0].sha256"),
+            ("job: j\ndeploy:\n  - {image: missing, to: fw, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}\n", "deploy[0].image"),
+            ("job: j\ntimeouts: {test: forever}\n", "job.yaml:2:"),
+            ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test-Shell Test Definition 1.0, name: y}\n        run: {steps: []}\n", "expected \"Lava-Test Test Definition 1.0\""),
+        ];
+        for (job, expected) in cases {
+            let e = f.load(job).expect_err(job);
+            assert_eq!(e.class, crate::outcome::Class::JobError);
+            assert!(e.message.contains(expected), "{job}\n=> {}", e.message);
+        }
+    }
+}

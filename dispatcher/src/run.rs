@@ -1,0 +1,572 @@
+//! One job, end to end: power, console, announcement, token, deploy,
+//! install, boot once into the test image, wait for the board to come back,
+//! fetch the records, write the output folder, power off. Every path ends
+//! with the board powered off and the output folder written.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ferry_proto::console::{Announcement, Role, TokenLine};
+use ferry_proto::record::{Body, Record};
+use serde_json::json;
+
+use crate::client::Session;
+use crate::console::{Console, Signal};
+use crate::device::Device;
+use crate::events::{from_micros, EventLog};
+use crate::job::Job;
+use crate::outcome::{Class, Failure};
+use crate::power;
+use crate::report::{self, Counts, TestResult};
+
+/// Where the job is; decides the class of a job timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Power,
+    Boot,
+    Deploy,
+    Install,
+    Test,
+    Fetch,
+    Done,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Power => "power-on",
+            Phase::Boot => "waiting for the master agent",
+            Phase::Deploy => "deploy",
+            Phase::Install => "install",
+            Phase::Test => "test",
+            Phase::Fetch => "fetching results",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// A boot the dispatcher saw announced.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Boot {
+    role: &'static str,
+    boot: String,
+    version: String,
+}
+
+/// What a run leaves for the output folder, even when it is cut short.
+struct Ctx {
+    device: Device,
+    job: Job,
+    out: PathBuf,
+    events: Arc<EventLog>,
+    phase: Mutex<Phase>,
+    boots: Mutex<Vec<Boot>>,
+    records: Mutex<Vec<Record>>,
+    plan_ran: Mutex<bool>,
+}
+
+impl Ctx {
+    fn set_phase(&self, p: Phase) {
+        if let Ok(mut phase) = self.phase.lock() {
+            *phase = p;
+        }
+        self.events
+            .event("dispatcher", json!({ "phase": p.name() }));
+    }
+    fn phase(&self) -> Phase {
+        self.phase.lock().map(|p| *p).unwrap_or(Phase::Done)
+    }
+    fn saw(&self, a: &Announcement) {
+        let role = match a.role {
+            Role::Master => "master",
+            Role::Test => "test",
+        };
+        self.events.event(
+            "dispatcher",
+            json!({ "kind": "boot", "role": role, "boot": a.boot, "version": a.version, "addr": a.addr.map(|x| x.to_string()) }),
+        );
+        if let Ok(mut b) = self.boots.lock() {
+            if !b.iter().any(|x| x.boot == a.boot) {
+                b.push(Boot {
+                    role,
+                    boot: a.boot.clone(),
+                    version: a.version.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// A fresh token for this job: 244 random bits.
+fn new_token() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Waits for a master announcement from a boot other than `not`.
+async fn wait_master(
+    ctx: &Ctx,
+    console: &mut Console,
+    not: Option<&str>,
+    timeout: Duration,
+) -> Result<Announcement, Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match console.next_signal(deadline, &ctx.events).await {
+            Signal::Announce(a) => {
+                if a.role == Role::Master && Some(a.boot.as_str()) != not {
+                    ctx.saw(&a);
+                    return Ok(a);
+                }
+                if a.role == Role::Test {
+                    ctx.saw(&a);
+                }
+            }
+            Signal::Panic(line) => {
+                return Err(Failure::infra(format!(
+                    "kernel panic while booting the master image: {line}"
+                )))
+            }
+            Signal::Closed(why) => {
+                return Err(Failure::infra(format!(
+                    "console closed while waiting for the master agent: {why}"
+                )))
+            }
+            Signal::Timeout => {
+                return Err(Failure::infra(format!(
+                    "the master agent did not announce itself within {timeout:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// Hands the boot its token and opens an authenticated session.
+async fn authenticate(
+    ctx: &Ctx,
+    console: &mut Console,
+    a: &Announcement,
+    token: &str,
+) -> Result<Session, Failure> {
+    let rpc = ctx.device.timeouts.rpc;
+    let addr = a
+        .addr
+        .ok_or_else(|| Failure::infra("master announcement without an address"))?;
+    console
+        .send_token(
+            &TokenLine {
+                boot: a.boot.clone(),
+                token: token.into(),
+            },
+            rpc,
+        )
+        .await?;
+    ctx.events.say(
+        "dispatcher",
+        format!("token sent to boot {}; connecting to {addr}", a.boot),
+    );
+    let mut session =
+        Session::connect(addr, ctx.device.network.namespace.clone(), token, rpc).await?;
+    // The agent reads the token from its console concurrently: poll until it has.
+    let deadline = Instant::now() + rpc;
+    loop {
+        match session.info().await {
+            Ok(info) => {
+                ctx.events.event("agent", json!({ "kind": "info", "version": info.version, "boot": info.boot_id,
+                    "platform": info.platform, "state": info.state, "test_agent_version": info.test_agent_version,
+                    "partitions": info.partitions.iter().map(|p| json!({"name": p.name, "size": p.size_bytes, "deployable": p.deployable})).collect::<Vec<_>>() }));
+                if info.boot_id != a.boot {
+                    return Err(Failure::infra(format!(
+                        "agent at {addr} is boot {}, not the announced {}",
+                        info.boot_id, a.boot
+                    )));
+                }
+                return Ok(session);
+            }
+            Err(f) if f.message.contains("Unauthenticated") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(f) => return Err(f),
+        }
+    }
+}
+
+async fn steps(ctx: &Ctx) -> Result<(), Failure> {
+    let d = &ctx.device;
+    ctx.set_phase(Phase::Power);
+    power::start(d, &ctx.events).await?;
+    let mut console = Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
+
+    ctx.set_phase(Phase::Boot);
+    let master = wait_master(ctx, &mut console, None, d.timeouts.announce).await?;
+    let token = new_token();
+    let mut session = authenticate(ctx, &mut console, &master, &token).await?;
+
+    ctx.set_phase(Phase::Deploy);
+    let deploy_deadline = Instant::now() + ctx.job.timeouts.deploy;
+    for entry in &ctx.job.deploy {
+        let left = deploy_deadline.saturating_duration_since(Instant::now());
+        let started = Instant::now();
+        let r = session.deploy(entry, left).await?;
+        let secs = started.elapsed().as_secs_f64();
+        ctx.events.event("dispatcher", json!({ "kind": "deployed", "image": entry.image, "to": entry.to,
+            "bytes_received": r.bytes_received, "bytes_written": r.bytes_written, "sha256": r.sha256, "seconds": secs,
+            "mib_per_s": r.bytes_written as f64 / (1 << 20) as f64 / secs.max(1e-9) }));
+        ctx.events.say(
+            "dispatcher",
+            format!(
+                "deployed {} to {} ({} bytes written in {secs:.2}s)",
+                entry.image.display(),
+                entry.to,
+                r.bytes_written
+            ),
+        );
+    }
+    if ctx.job.plan.definitions.is_empty() {
+        return Ok(());
+    }
+
+    ctx.set_phase(Phase::Install);
+    let part = d.test_rootfs.as_str();
+    let installed = session.install(part, ctx.job.plan.clone()).await?;
+    ctx.events.say(
+        "dispatcher",
+        format!(
+            "test agent {} installed on {part} ({} hook)",
+            installed.test_agent_version, installed.boot_hook
+        ),
+    );
+    session.boot_once(part).await?;
+    session.reboot().await?;
+    drop(session);
+
+    ctx.set_phase(Phase::Test);
+    if let Ok(mut ran) = ctx.plan_ran.lock() {
+        *ran = true;
+    }
+    let deadline = tokio::time::Instant::now() + ctx.job.timeouts.test;
+    let mut test_boot: Option<String> = None;
+    let mut test_error: Option<String> = None;
+    let back = loop {
+        match console.next_signal(deadline, &ctx.events).await {
+            Signal::Announce(a) if a.role == Role::Test => {
+                ctx.saw(&a);
+                test_boot = Some(a.boot);
+            }
+            Signal::Announce(a) if a.boot != master.boot => {
+                ctx.saw(&a);
+                break a;
+            }
+            Signal::Announce(_) => {}
+            Signal::Panic(line) => {
+                test_error = Some(format!("kernel panic in the test image: {line}"));
+                ctx.events
+                    .say("dispatcher", "kernel panic in the test image: hard reset");
+                power::reset(d, &ctx.events).await?;
+                break wait_master(ctx, &mut console, Some(&master.boot), d.timeouts.announce)
+                    .await?;
+            }
+            Signal::Timeout => {
+                test_error = Some(format!("the test image did not return within the test timeout ({:?}); the board was hard reset", ctx.job.timeouts.test));
+                ctx.events.say("dispatcher", "test timeout: hard reset");
+                power::reset(d, &ctx.events).await?;
+                break wait_master(ctx, &mut console, Some(&master.boot), d.timeouts.announce)
+                    .await?;
+            }
+            Signal::Closed(why) => {
+                return Err(Failure::infra(format!(
+                    "console closed during the test: {why}"
+                )))
+            }
+        }
+    };
+    if test_boot.is_none() && test_error.is_none() {
+        test_error = Some(
+            "the board came back to its master image without the test agent ever announcing itself"
+                .into(),
+        );
+    }
+
+    ctx.set_phase(Phase::Fetch);
+    let mut session = authenticate(ctx, &mut console, &back, &token).await?;
+    let board_dir = ctx.out.join("board");
+    let fetched = session.fetch(part, &board_dir, d.timeouts.fetch).await;
+    load_records(ctx, &board_dir);
+    let files = fetched?;
+    ctx.events.say(
+        "dispatcher",
+        format!("fetched {} record file(s)", files.len()),
+    );
+
+    let records = ctx.records.lock().map(|r| r.clone()).unwrap_or_default();
+    if test_error.is_none()
+        && !records
+            .iter()
+            .any(|r| matches!(r.body, Body::AgentFinished {}))
+    {
+        test_error = Some(
+            match records.iter().find_map(|r| match &r.body {
+                Body::AgentMessage { level, message } if level == "error" => Some(message.clone()),
+                _ => None,
+            }) {
+                Some(m) => format!("the test agent did not finish the plan: {m}"),
+                None => "the test agent did not finish the plan".into(),
+            },
+        );
+    }
+    match test_error {
+        Some(m) => Err(Failure::test(m)),
+        None => Ok(()),
+    }
+}
+
+/// Reads whatever record files arrived, merging them into the event log.
+fn load_records(ctx: &Ctx, dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    names.sort();
+    let mut all = Vec::new();
+    for path in names {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let (records, errors) = Record::parse_all(&text);
+        for e in errors {
+            ctx.events
+                .say("dispatcher", format!("{}: {e}", path.display()));
+        }
+        for r in &records {
+            let mut fields = serde_json::to_value(&r.body).unwrap_or_default();
+            if let Some(obj) = fields.as_object_mut() {
+                obj.insert("boot".into(), json!(r.boot));
+            }
+            ctx.events.event_at(from_micros(r.ts_us), "test", fields);
+        }
+        all.extend(records);
+    }
+    if let Ok(mut r) = ctx.records.lock() {
+        *r = all;
+    }
+}
+
+/// How the run ended, for the output folder and the exit code.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The class.
+    pub class: Class,
+    /// What happened.
+    pub message: String,
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn cancelled() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}
+
+/// Runs `job` on `device`, writing everything to `out`.
+pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
+    let started = SystemTime::now();
+    if let Err(e) = std::fs::create_dir_all(out) {
+        return Outcome {
+            class: Class::JobError,
+            message: format!("output folder {}: {e}", out.display()),
+        };
+    }
+    let events = match EventLog::create(out) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            return Outcome {
+                class: Class::JobError,
+                message: format!("output folder {}: {e}", out.display()),
+            }
+        }
+    };
+    let device = match Device::load(device_path) {
+        Ok(d) => d,
+        Err(f) => return finish_unstarted(&events, out, f, started),
+    };
+    let job = match Job::load(job_path, &device) {
+        Ok(j) => j,
+        Err(f) => {
+            // The board may be on from an earlier job: leave it off.
+            let _ = power::off(&device, &events).await;
+            return finish_unstarted(&events, out, f, started);
+        }
+    };
+    for w in &job.warnings {
+        events.say("dispatcher", format!("warning: {w}"));
+    }
+    let ctx = Ctx {
+        device,
+        job,
+        out: out.into(),
+        events: events.clone(),
+        phase: Mutex::new(Phase::Power),
+        boots: Mutex::new(Vec::new()),
+        records: Mutex::new(Vec::new()),
+        plan_ran: Mutex::new(false),
+    };
+    let job_timeout = ctx.job.timeouts.job;
+    let result = tokio::select! {
+        r = tokio::time::timeout(job_timeout, steps(&ctx)) => match r {
+            Ok(r) => r,
+            Err(_) => {
+                let phase = ctx.phase();
+                let msg = format!("job timeout ({job_timeout:?}) reached during {}", phase.name());
+                Err(if phase == Phase::Test { Failure::test(msg) } else { Failure::infra(msg) })
+            }
+        },
+        sig = cancelled() => Err(Failure { class: Class::Canceled, message: format!("canceled by {sig}") }),
+    };
+    ctx.set_phase(Phase::Done);
+    let mut outcome = match result {
+        Ok(()) => Outcome {
+            class: Class::Complete,
+            message: "job complete".into(),
+        },
+        Err(f) => Outcome {
+            class: f.class,
+            message: f.message,
+        },
+    };
+    if let Err(f) = power::off(&ctx.device, &events).await {
+        events.say("dispatcher", format!("power off failed: {}", f.message));
+        if outcome.class == Class::Complete {
+            outcome = Outcome {
+                class: Class::InfrastructureError,
+                message: format!("results complete, but {}", f.message),
+            };
+        }
+    }
+    write_outputs(&ctx, &outcome, started);
+    outcome
+}
+
+fn finish_unstarted(events: &EventLog, out: &Path, f: Failure, started: SystemTime) -> Outcome {
+    events.say("dispatcher", &f.message);
+    events.flush();
+    let outcome = Outcome {
+        class: f.class,
+        message: f.message,
+    };
+    let _ = std::fs::write(out.join("results.json"), "[]\n");
+    let _ = std::fs::write(out.join("junit.xml"), report::junit("", &[]));
+    write_outcome(out, &outcome, None, &[], &[], started);
+    println!(
+        "ferry: {} (exit {}): {}",
+        outcome.class.name(),
+        outcome.class.exit_code(),
+        outcome.message
+    );
+    outcome
+}
+
+fn write_outcome(
+    out: &Path,
+    o: &Outcome,
+    ctx: Option<&Ctx>,
+    boots: &[Boot],
+    results: &[TestResult],
+    started: SystemTime,
+) {
+    let counts = Counts::of(results);
+    let value = json!({
+        "class": o.class,
+        "exit_code": o.class.exit_code(),
+        "message": o.message,
+        "job": ctx.map(|c| c.job.name.clone()),
+        "device": ctx.map(|c| c.device.name.clone()),
+        "duration_seconds": started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        "boots": boots,
+        "results": { "pass": counts.pass, "fail": counts.fail, "skip": counts.skip, "unknown": counts.unknown },
+        "warnings": ctx.map(|c| c.job.warnings.clone()).unwrap_or_default(),
+    });
+    let text = serde_json::to_string_pretty(&value).unwrap_or_default();
+    let _ = std::fs::write(out.join("outcome.json"), text + "\n");
+}
+
+fn write_outputs(ctx: &Ctx, outcome: &Outcome, started: SystemTime) {
+    let records = ctx.records.lock().map(|r| r.clone()).unwrap_or_default();
+    let plan_ran = ctx.plan_ran.lock().map(|r| *r).unwrap_or(false);
+    let results = report::results(&ctx.job.plan, &records, plan_ran);
+    let boots = ctx.boots.lock().map(|b| b.clone()).unwrap_or_default();
+    ctx.events.event(
+        "dispatcher",
+        json!({ "kind": "outcome", "class": outcome.class, "message": outcome.message }),
+    );
+    ctx.events.flush();
+    let json = serde_json::to_string_pretty(&results).unwrap_or_else(|_| "[]".into());
+    let _ = std::fs::write(ctx.out.join("results.json"), json + "\n");
+    let _ = std::fs::write(
+        ctx.out.join("junit.xml"),
+        report::junit(&ctx.job.name, &results),
+    );
+    write_outcome(&ctx.out, outcome, Some(ctx), &boots, &results, started);
+    let summary = summary(ctx, outcome, &results, &boots, started);
+    let _ = std::fs::write(ctx.out.join("summary.txt"), &summary);
+    use std::io::Write;
+    // A closed stdout (a scheduler that stopped reading) is not an error.
+    let _ = std::io::stdout().write_all(summary.as_bytes());
+}
+
+fn summary(
+    ctx: &Ctx,
+    o: &Outcome,
+    results: &[TestResult],
+    boots: &[Boot],
+    started: SystemTime,
+) -> String {
+    use std::fmt::Write;
+    let c = Counts::of(results.iter().filter(|r| r.suite != report::LAVA_SUITE));
+    let secs = started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ferry: job {} on {}: {} (exit {}) in {secs:.1}s",
+        ctx.job.name,
+        ctx.device.name,
+        o.class.name(),
+        o.class.exit_code()
+    );
+    if o.class != Class::Complete {
+        let _ = writeln!(s, "  {}", o.message);
+    }
+    let _ = writeln!(
+        s,
+        "  test cases: {} pass, {} fail, {} skip, {} unknown",
+        c.pass, c.fail, c.skip, c.unknown
+    );
+    for def in results.iter().filter(|r| r.suite == report::LAVA_SUITE) {
+        let _ = writeln!(s, "  definition {:<24} {}", def.name, def.result.as_str());
+    }
+    let shown: Vec<_> = results
+        .iter()
+        .filter(|r| r.suite != report::LAVA_SUITE && r.result.as_str() != "pass")
+        .take(15)
+        .collect();
+    for r in &shown {
+        let _ = writeln!(s, "    {:>7}  {}/{}", r.result.as_str(), r.suite, r.name);
+    }
+    if !boots.is_empty() {
+        let path: Vec<_> = boots.iter().map(|b| b.role).collect();
+        let _ = writeln!(s, "  boots: {}", path.join(" -> "));
+    }
+    for w in &ctx.job.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
+    let _ = writeln!(s, "  output: {}", ctx.out.display());
+    s
+}
