@@ -57,9 +57,11 @@ impl EventLog {
         }
     }
 
-    /// Records an event from `source` ("dispatcher", "power", "agent"...).
+    /// Records an event from `source` ("dispatcher", "power", "agent"...),
+    /// flushed at once so people can follow the job live.
     pub fn event(&self, source: &str, fields: Value) {
         self.write(SystemTime::now(), source, fields);
+        self.flush();
     }
 
     /// Records an event with a message, also logged for people at info level.
@@ -85,6 +87,7 @@ impl EventLog {
         if let Ok(mut files) = self.inner.lock() {
             let _ = files.console.write_all(bytes);
         }
+        self.flush();
     }
 
     /// Flushes both files.

@@ -2,7 +2,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -120,8 +119,6 @@ fn on(layout: &Layout, agents: Option<PathBuf>, timeout: Duration) -> anyhow::Re
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
-        // Out of the caller's process group: the board outlives the command.
-        .process_group(0)
         .spawn()?;
     std::fs::write(layout.pid_file(), format!("{}\n", child.id()))?;
     let deadline = Instant::now() + timeout;
@@ -161,7 +158,10 @@ fn off(layout: &Layout, timeout: Duration) -> anyhow::Result<()> {
         let _ = killpg(pgid, Signal::SIGKILL);
     }
     if let Some(pid) = read_pid(&layout.pid_file()) {
-        let _ = killpg(pid, Signal::SIGKILL);
+        for member in supervisor::session_members(pid) {
+            let _ = kill(member, Signal::SIGKILL);
+        }
+        let _ = kill(pid, Signal::SIGKILL);
     }
     for f in [
         layout.pid_file(),

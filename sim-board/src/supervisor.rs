@@ -74,6 +74,9 @@ fn pump(mut from: impl Read + Send + 'static, console: ConsoleTx) {
 /// # Errors
 /// When the pty or control socket cannot be set up.
 pub fn run(layout: &Layout) -> Result<(), SupervisorError> {
+    // Its own session: everything the board runs stays in it, so a reset can
+    // stop all of it, as cutting power would.
+    nix::unistd::setsid().map_err(sys("setsid"))?;
     let board = layout.load()?;
     let pty = openpty(None, None).map_err(sys("openpty"))?;
     let mut t = tcgetattr(&pty.slave).map_err(sys("tcgetattr"))?;
@@ -213,22 +216,56 @@ fn boot_loop(
                 }
                 Ok(Event::Exited(_)) => {}
                 Ok(Event::Reset) => {
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    kill_os(pgid);
                     emit(console, "\r\n[sim-board] hard reset\r\n");
                     break;
                 }
                 Ok(Event::Off(mut reply)) => {
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    kill_os(pgid);
                     let _ = reply.write_all(b"ok\n");
                     return Ok(());
                 }
                 Err(_) => {
-                    let _ = killpg(pgid, Signal::SIGKILL);
+                    kill_os(pgid);
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Stops everything the running OS started: its process group, and any
+/// other process in the board's session (test steps run in groups of their own).
+fn kill_os(pgid: Pid) {
+    let _ = killpg(pgid, Signal::SIGKILL);
+    for pid in session_members(nix::unistd::getpid()) {
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    }
+}
+
+/// Processes in session `sid`, other than the caller.
+pub fn session_members(sid: Pid) -> Vec<Pid> {
+    let me = nix::unistd::getpid();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .map(Pid::from_raw)
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            // Field 6 of /proc/PID/stat, counted after the parenthesised command name.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.to_string()))
+                .and_then(|rest| {
+                    rest.split_whitespace()
+                        .nth(3)
+                        .and_then(|s| s.parse::<i32>().ok())
+                })
+                == Some(sid.as_raw())
+        })
+        .collect()
 }
 
 fn wait_in_thread(mut child: Child, boot: u64, events: Sender<Event>) {

@@ -1,1 +1,217 @@
-//! End-to-end test support.
+//! Support for Ferry's end-to-end tests: the real binaries, real boards, and
+//! a dump of what they said when an assertion fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Folder holding the workspace's binaries for this build profile.
+pub fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/<this test> -> target/<profile>
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A workspace binary; panics with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+        p.display()
+    );
+    p
+}
+
+/// What a dispatcher run left behind.
+pub struct Run {
+    /// The process output (stdout is the summary).
+    pub output: Output,
+    /// The output folder.
+    pub dir: PathBuf,
+}
+
+impl Run {
+    /// Exit code.
+    pub fn code(&self) -> Option<i32> {
+        self.output.status.code()
+    }
+    /// A file of the output folder, parsed as JSON.
+    pub fn json(&self, name: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.dump()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.dump()))
+    }
+    /// A file of the output folder as text.
+    pub fn text(&self, name: &str) -> String {
+        let bytes = std::fs::read(self.dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", self.dump()));
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+    /// Everything worth seeing when a test fails.
+    pub fn dump(&self) -> String {
+        let outcome = std::fs::read_to_string(self.dir.join("outcome.json")).unwrap_or_default();
+        let console = std::fs::read(self.dir.join("console.log")).unwrap_or_default();
+        let tail = &console[console.len().saturating_sub(4000)..];
+        format!(
+            "--- exit: {:?}\n--- stdout:\n{}\n--- stderr:\n{}\n--- outcome.json:\n{outcome}\n--- console.log (tail):\n{}",
+            self.output.status.code(),
+            String::from_utf8_lossy(&self.output.stdout),
+            String::from_utf8_lossy(&self.output.stderr),
+            String::from_utf8_lossy(tail)
+        )
+    }
+    /// `(suite, name, result)` of every result.
+    pub fn results(&self) -> Vec<(String, String, String)> {
+        let v = self.json("results.json");
+        v.as_array()
+            .unwrap_or_else(|| panic!("results.json is not an array\n{}", self.dump()))
+            .iter()
+            .map(|r| {
+                (
+                    r["suite"].as_str().unwrap_or("").into(),
+                    r["name"].as_str().unwrap_or("").into(),
+                    r["result"].as_str().unwrap_or("").into(),
+                )
+            })
+            .collect()
+    }
+    /// Roles of the boots announced, in order, from `events.jsonl`.
+    pub fn boots(&self) -> Vec<(String, String)> {
+        self.text("events.jsonl")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["source"] == "dispatcher" && e["kind"] == "boot")
+            .map(|e| {
+                (
+                    e["role"].as_str().unwrap_or("").to_string(),
+                    e["boot"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// Runs `dispatcher run` as a separate process.
+pub fn dispatch(device: &Path, job: &Path, out: &Path) -> Run {
+    let output = Command::new(bin("dispatcher"))
+        .arg("run")
+        .arg("--device")
+        .arg(device)
+        .arg("--output")
+        .arg(out)
+        .arg(job)
+        .output()
+        .expect("dispatcher runs");
+    Run {
+        output,
+        dir: out.into(),
+    }
+}
+
+/// A simulated board in a temporary folder, described by a device file
+/// made from `examples/devices/sim-board.yaml`; powered off on drop.
+pub struct SimBoard {
+    /// Holds the board, device file and outputs.
+    pub tmp: tempfile::TempDir,
+    /// The device file.
+    pub device: PathBuf,
+    /// The board folder.
+    pub board: PathBuf,
+}
+
+impl SimBoard {
+    /// Prepares a board (it is created on first power-on).
+    pub fn new() -> Self {
+        Self::with_device(|d| d)
+    }
+
+    /// Like [`SimBoard::new`], with the device file text edited by `edit`.
+    pub fn with_device(edit: impl FnOnce(String) -> String) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let board = tmp.path().join("board");
+        let example = std::fs::read_to_string(workspace().join("examples/devices/sim-board.yaml"))
+            .expect("example device");
+        let text = example
+            .replace(
+                "../../target/debug/ferry-sim-board",
+                &bin("ferry-sim-board").display().to_string(),
+            )
+            .replace("../../target/sim-board", &board.display().to_string());
+        let device = tmp.path().join("sim-board.yaml");
+        std::fs::write(&device, edit(text)).expect("device file");
+        SimBoard { tmp, device, board }
+    }
+
+    /// Runs a job file on this board.
+    pub fn run(&self, job: &Path) -> Run {
+        let out = self.tmp.path().join(format!(
+            "out-{}",
+            job.file_stem().and_then(|s| s.to_str()).unwrap_or("job")
+        ));
+        dispatch(&self.device, job, &out)
+    }
+
+    /// Writes a job file next to the example jobs' assets and returns its path.
+    pub fn job(&self, name: &str, text: &str) -> PathBuf {
+        let dir = self.tmp.path().join("jobs");
+        std::fs::create_dir_all(&dir).expect("jobs dir");
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("job file");
+        p
+    }
+
+    /// Whether anything of the board still runs: its control socket, or a
+    /// process whose command line names the board folder (the supervisor,
+    /// the master agent, the test agent).
+    pub fn powered(&self) -> bool {
+        self.board.join("control.sock").exists() || !processes_mentioning(&self.board).is_empty()
+    }
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<i32> {
+    let needle = needle.display().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .filter(|pid| *pid != std::process::id() as i32)
+        .collect()
+}
+
+impl Default for SimBoard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for SimBoard {
+    fn drop(&mut self) {
+        let _ = Command::new(bin("ferry-sim-board"))
+            .arg("--board")
+            .arg(&self.board)
+            .arg("off")
+            .output();
+    }
+}

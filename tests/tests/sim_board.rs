@@ -1,0 +1,249 @@
+//! End to end on the simulated board: the real dispatcher, master agent and
+//! test agent as separate processes, talking over a pty and gRPC.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_tests::{workspace, Run, SimBoard};
+use sha2::{Digest, Sha256};
+
+fn r(suite: &str, name: &str, result: &str) -> (String, String, String) {
+    (suite.into(), name.into(), result.into())
+}
+
+fn assert_exit(run: &Run, code: i32) {
+    assert_eq!(run.code(), Some(code), "{}", run.dump());
+}
+
+#[test]
+fn smoke_job_runs_end_to_end_with_exact_results() {
+    let board = SimBoard::new();
+    let run = board.run(&workspace().join("examples/jobs/smoke.yaml"));
+    assert_exit(&run, 0);
+    assert_eq!(
+        run.results(),
+        vec![
+            r("smoke", "shell-works", "pass"),
+            r("smoke", "greeting", "pass"),
+            r("smoke", "sleep-time", "pass"),
+            r("smoke", "not-yet", "skip"),
+            r("checks", "missing-file", "fail"),
+            r("checks", "arithmetic", "pass"),
+            r("checks", "flaky", "unknown"),
+            r("lava", "smoke", "pass"),
+            r("lava", "checks", "pass"),
+        ],
+        "{}",
+        run.dump()
+    );
+    let measured = &run.json("results.json")[2];
+    assert_eq!(measured["measurement"], 0.1);
+    assert_eq!(measured["units"], "seconds");
+    assert_eq!(measured["set"], "timing");
+
+    let junit = run.text("junit.xml");
+    assert!(
+        junit.contains(
+            "<testsuites name=\"smoke\" tests=\"9\" failures=\"1\" errors=\"1\" skipped=\"1\">"
+        ),
+        "{junit}"
+    );
+    assert!(
+        junit.contains(
+            "<testsuite name=\"checks\" tests=\"3\" failures=\"1\" errors=\"1\" skipped=\"0\">"
+        ),
+        "{junit}"
+    );
+
+    let outcome = run.json("outcome.json");
+    assert_eq!(
+        (outcome["class"].as_str(), outcome["exit_code"].as_i64()),
+        (Some("complete"), Some(0))
+    );
+    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
+    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
+
+    // The firmware image landed, decompressed, on its partition.
+    let part = std::fs::read(board.board.join("parts/firmware")).expect("firmware partition");
+    assert_eq!(
+        format!("{:x}", Sha256::digest(&part[..1 << 20])),
+        "73104fe9b6e01a37c714c5314a79ba6ac980aca296cdc8c365bff0f2706a2e56"
+    );
+    // Every console byte is in the log, and every output line in the events.
+    assert!(run.text("console.log").contains("FERRY-AGENT role=test"));
+    assert!(run
+        .text("events.jsonl")
+        .contains("\"line\":\"hello from Linux\""));
+    assert!(String::from_utf8_lossy(&run.output.stdout).contains("complete (exit 0)"));
+    assert!(
+        !board.powered(),
+        "the board must be powered off after the job"
+    );
+}
+
+#[test]
+fn a_definition_failing_midway_ends_it_and_the_next_one_runs() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "midway.yaml",
+        r#"job: midway
+timeouts: {job: 2m, test: 1m}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: breaks}
+        run:
+          steps:
+            - lava-test-case before --result pass
+            - "false"
+            - lava-test-case after --result pass
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: next}
+        run: {steps: ["lava-test-case runs --result pass"]}
+"#,
+    );
+    let run = board.run(&job);
+    assert_exit(&run, 0);
+    assert_eq!(
+        run.results(),
+        vec![
+            r("breaks", "before", "pass"),
+            r("next", "runs", "pass"),
+            r("lava", "breaks", "fail"),
+            r("lava", "next", "pass")
+        ],
+        "{}",
+        run.dump()
+    );
+    assert!(!board.powered());
+}
+
+#[test]
+fn an_unknown_key_is_a_job_error_naming_file_line_and_key() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "typo.yaml",
+        "job: typo\ntimeouts: {job: 1m}\ntset:\n  definitions: []\n",
+    );
+    let run = board.run(&job);
+    assert_exit(&run, 2);
+    let outcome = run.json("outcome.json");
+    assert_eq!(outcome["class"], "job-error");
+    let msg = outcome["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("typo.yaml:3:1") && msg.contains("unknown field `tset`"),
+        "{msg}"
+    );
+    assert!(String::from_utf8_lossy(&run.output.stdout).contains("unknown field `tset`"));
+    assert_eq!(run.json("results.json"), serde_json::json!([]));
+    assert!(!board.powered(), "a job error must not leave the board on");
+}
+
+#[test]
+fn an_unreachable_console_is_an_infrastructure_error() {
+    let board = SimBoard::with_device(|d| {
+        d.replace("tty: ", "tty: /nonexistent/ferry-console # was: ")
+            .replace("console: 10s", "console: 1s")
+    });
+    let job = board.job("any.yaml", "job: any\n");
+    let run = board.run(&job);
+    assert_exit(&run, 3);
+    let outcome = run.json("outcome.json");
+    assert_eq!(outcome["class"], "infrastructure-error");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot open console"),
+        "{}",
+        run.dump()
+    );
+    assert!(!board.powered(), "powered off on the error path too");
+}
+
+#[test]
+fn a_hung_test_image_is_hard_reset_and_earlier_results_are_kept() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "hang.yaml",
+        r#"job: hang
+timeouts: {job: 2m, test: 4s}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: hangs}
+        run:
+          steps:
+            - lava-test-case recorded --result pass
+            - sleep 600
+      timeout: 10m
+"#,
+    );
+    let run = board.run(&job);
+    assert_exit(&run, 4);
+    let outcome = run.json("outcome.json");
+    assert_eq!(outcome["class"], "test-error");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hard reset"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(
+        run.results(),
+        vec![
+            r("hangs", "recorded", "pass"),
+            r("lava", "hangs", "unknown")
+        ],
+        "{}",
+        run.dump()
+    );
+    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
+    assert_eq!(roles, ["master", "test", "master"]);
+    assert!(run.text("console.log").contains("hard reset"));
+    assert!(!board.powered());
+}
+
+#[test]
+fn sigterm_cancels_powers_off_and_keeps_the_output() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "long.yaml",
+        "job: long\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test Test Definition 1.0, name: slow}\n        run: {steps: [\"sleep 600\"]}\n",
+    );
+    let out = board.tmp.path().join("out-cancel");
+    let mut child = Command::new(ferry_tests::bin("dispatcher"))
+        .arg("run")
+        .arg("--device")
+        .arg(&board.device)
+        .arg("--output")
+        .arg(&out)
+        .arg(&job)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Wait until the test image is running, then cancel.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !String::from_utf8_lossy(&std::fs::read(out.join("console.log")).unwrap_or_default())
+        .contains("role=test")
+    {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("test image never started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let output = child.wait_with_output().expect("output");
+    let run = Run { output, dir: out };
+    assert_eq!(run.code(), Some(5), "{}", run.dump());
+    assert_eq!(run.json("outcome.json")["class"], "canceled");
+    assert!(!board.powered(), "canceled jobs power the board off");
+}
