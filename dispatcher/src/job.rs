@@ -60,7 +60,12 @@ pub struct DeployEntry {
     /// The target partition, named in the device file.
     pub to: String,
     /// sha256 of the image file as given.
+    #[serde(default)]
     pub sha256: String,
+    /// Instead of `sha256`: a `sha256sum`-style file holding it (as build
+    /// pipelines publish next to images), relative to the job file.
+    #[serde(default)]
+    pub sha256_file: Option<PathBuf>,
     /// Compression; detected from the first bytes when absent.
     #[serde(default)]
     pub compression: Option<Compression>,
@@ -231,6 +236,25 @@ impl Job {
                     "deploy[{i}].to: partition {:?} is not in the device file's partitions {:?}",
                     d.to, device.partitions
                 ))));
+            }
+            match (d.sha256.is_empty(), d.sha256_file.take()) {
+                (false, None) => {}
+                (true, Some(f)) => {
+                    let f = dir.join(f);
+                    let text = std::fs::read_to_string(&f).map_err(|e| {
+                        Failure::job(at(format!("deploy[{i}].sha256_file: {}: {e}", f.display())))
+                    })?;
+                    d.sha256 = text
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                }
+                _ => {
+                    return Err(Failure::job(at(format!(
+                        "deploy[{i}]: give exactly one of `sha256` or `sha256_file`"
+                    ))))
+                }
             }
             if !is_sha256(&d.sha256) {
                 return Err(Failure::job(at(format!(
