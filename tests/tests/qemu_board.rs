@@ -1,0 +1,201 @@
+//! End to end on the virtual QEMU board: a real kernel, the master image as
+//! initramfs, a GPT disk, a network namespace. Needs root, QEMU and the
+//! packages `.ci/run` installs; the images are built (cached) by
+//! `images/build`. Set FERRY_SKIP_QEMU=1 to skip these on a machine without them.
+
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use ferry_tests::{dispatch, processes_mentioning, workspace, Run};
+
+/// One virtual board at a time: each takes both cores of a CI machine.
+static BOARD: Mutex<()> = Mutex::new(());
+static IMAGES: OnceLock<Result<(), String>> = OnceLock::new();
+
+fn skip() -> bool {
+    if std::env::var_os("FERRY_SKIP_QEMU").is_some() {
+        eprintln!("FERRY_SKIP_QEMU is set: skipping the virtual board test");
+        return true;
+    }
+    false
+}
+
+fn images() {
+    let built = IMAGES.get_or_init(|| {
+        let out = Command::new(workspace().join("images/build"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    if let Err(e) = built {
+        panic!("images/build failed (run .ci/run's apt step, as root):\n{e}");
+    }
+}
+
+/// A virtual board of its own: state folder and network namespace.
+struct QemuBoard {
+    tmp: tempfile::TempDir,
+    device: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+impl QemuBoard {
+    fn new(name: &str) -> Self {
+        images();
+        let tmp = tempfile::tempdir().expect("tmp");
+        let state = tmp.path().join("board");
+        let netns = format!("ferry-t-{name}-{}", std::process::id());
+        let example =
+            std::fs::read_to_string(workspace().join("examples/devices/qemu-x86_64.yaml"))
+                .expect("example");
+        let text = example
+            .replace(
+                "../../images/qemu-board",
+                &workspace().join("images/qemu-board").display().to_string(),
+            )
+            .replace("../../target/qemu-board", &state.display().to_string())
+            .replace("ferry-qemu0", &netns);
+        let device = tmp.path().join("qemu.yaml");
+        std::fs::write(&device, text).expect("device");
+        QemuBoard { tmp, device, state }
+    }
+
+    /// Writes a job; `{examples}` stands for the example jobs' folder.
+    fn job(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let p = self.tmp.path().join(format!("{name}.yaml"));
+        let examples = workspace().join("examples/jobs");
+        std::fs::write(
+            &p,
+            text.replace("{examples}", &examples.display().to_string()),
+        )
+        .expect("job");
+        p
+    }
+
+    fn run(&self, job: &std::path::Path) -> Run {
+        dispatch(&self.device, job, &self.tmp.path().join("out"))
+    }
+
+    fn qemu_running(&self) -> bool {
+        !processes_mentioning(&self.state).is_empty()
+    }
+}
+
+impl Drop for QemuBoard {
+    fn drop(&mut self) {
+        let text = std::fs::read_to_string(&self.device).unwrap_or_default();
+        if let Some(off) = text.lines().find_map(|l| l.trim().strip_prefix("off: ")) {
+            let _ = Command::new("/bin/sh").arg("-c").arg(off).output();
+        }
+    }
+}
+
+fn r(suite: &str, name: &str, result: &str) -> (String, String, String) {
+    (suite.into(), name.into(), result.into())
+}
+
+#[test]
+fn smoke_job_on_the_virtual_board() {
+    if skip() {
+        return;
+    }
+    let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
+    let board = QemuBoard::new("smoke");
+    let run = board.run(&workspace().join("examples/jobs/qemu-smoke.yaml"));
+    assert_eq!(run.code(), Some(0), "{}", run.dump());
+    // The same records as the simulated board's smoke job.
+    assert_eq!(
+        run.results(),
+        vec![
+            r("smoke", "shell-works", "pass"),
+            r("smoke", "greeting", "pass"),
+            r("smoke", "sleep-time", "pass"),
+            r("smoke", "not-yet", "skip"),
+            r("checks", "missing-file", "fail"),
+            r("checks", "arithmetic", "pass"),
+            r("checks", "flaky", "unknown"),
+            r("lava", "smoke", "pass"),
+            r("lava", "checks", "pass"),
+        ],
+        "{}",
+        run.dump()
+    );
+    let boots = run.boots();
+    let roles: Vec<_> = boots.iter().map(|b| b.0.as_str()).collect();
+    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
+    assert!(
+        boots[0].1 != boots[2].1 && boots[1].1 != boots[0].1,
+        "three distinct boots: {boots:?}"
+    );
+    assert!(
+        run.text("console.log").contains("Linux version 6.1"),
+        "a real kernel booted"
+    );
+    assert!(run
+        .text("events.jsonl")
+        .contains("\"line\":\"hello from Linux\""));
+    assert!(!board.qemu_running(), "QEMU must be gone after the job");
+}
+
+#[test]
+fn a_hung_test_image_is_hard_reset_back_to_the_master_image() {
+    if skip() {
+        return;
+    }
+    let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
+    let board = QemuBoard::new("hang");
+    let job = board.job(
+        "hang",
+        r#"job: qemu-hang
+timeouts: {job: 10m, deploy: 5m, test: 30s}
+test:
+  definitions:
+    - path: {examples}/defs/smoke.yaml
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: hangs}
+        run:
+          steps:
+            - lava-test-case before-hang --result pass
+            - sleep 100000
+      timeout: 1h
+"#,
+    );
+    let run = board.run(&job);
+    assert_eq!(run.code(), Some(4), "{}", run.dump());
+    let outcome = run.json("outcome.json");
+    assert_eq!(outcome["class"], "test-error");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hard reset"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(
+        run.results(),
+        vec![
+            r("smoke", "shell-works", "pass"),
+            r("smoke", "greeting", "pass"),
+            r("smoke", "sleep-time", "pass"),
+            r("smoke", "not-yet", "skip"),
+            r("hangs", "before-hang", "pass"),
+            r("lava", "smoke", "pass"),
+            r("lava", "hangs", "unknown"),
+        ],
+        "{}",
+        run.dump()
+    );
+    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
+    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
+    let events = run.text("events.jsonl");
+    assert!(
+        events.contains("\"action\":\"reset\""),
+        "the board was hard reset"
+    );
+    assert!(!board.qemu_running(), "QEMU must be gone after the job");
+}
