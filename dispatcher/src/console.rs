@@ -208,3 +208,110 @@ async fn read(mut reader: Reader, tx: mpsc::UnboundedSender<Seen>, events: Arc<E
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::console::Role;
+    use tokio::io::AsyncBufReadExt;
+
+    fn announcement() -> Announcement {
+        Announcement {
+            role: Role::Master,
+            version: "1".into(),
+            boot: "b1".into(),
+            addr: Some("192.0.2.2:7070".parse().expect("addr")),
+        }
+    }
+
+    fn events() -> (tempfile::TempDir, Arc<EventLog>) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let log = Arc::new(EventLog::create(dir.path()).expect("log"));
+        (dir, log)
+    }
+
+    /// A TCP serial server (as ser2net serves a port): kernel noise, a cut
+    /// announcement, then a whole one; the token must arrive back.
+    #[tokio::test]
+    async fn tcp_console_finds_the_announcement_and_carries_the_token() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let line = announcement().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut noise = b"[    1.0] virtio_net\r\n\x1b[0m\x00\xff".to_vec();
+            noise.extend_from_slice(format!("{}[ 1.1] cut\r\n{line}\r\n", &line[..30]).as_bytes());
+            s.write_all(&noise).await.expect("write");
+            let mut lines = tokio::io::BufReader::new(s).lines();
+            loop {
+                let l = lines.next_line().await.expect("read").expect("line");
+                if let Some(Ok(t)) = TokenLine::find(&l) {
+                    return t;
+                }
+            }
+        });
+        let (dir, log) = events();
+        let mut c = Console::open(
+            &Spec::Tcp(addr.to_string()),
+            Duration::from_secs(5),
+            log.clone(),
+        )
+        .await
+        .expect("open");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(
+            c.next_signal(deadline, &log).await,
+            Signal::Announce(announcement())
+        );
+        let token = TokenLine {
+            boot: "b1".into(),
+            token: "abc".into(),
+        };
+        c.send_token(&token, Duration::from_secs(5))
+            .await
+            .expect("token");
+        assert_eq!(server.await.expect("server"), token);
+        log.flush();
+        let raw = std::fs::read(dir.path().join("console.log")).expect("console.log");
+        assert!(raw.windows(2).any(|w| w == [0u8, 0xff]), "raw bytes kept");
+        assert!(std::fs::read_to_string(dir.path().join("events.jsonl"))
+            .expect("events")
+            .contains("garbled announcement"));
+    }
+
+    #[tokio::test]
+    async fn command_console_sees_panics_and_closes() {
+        let (_dir, log) = events();
+        let cmd = Spec::Command(
+            "echo '[  5.0] Kernel panic - not syncing: VFS: Unable to mount root fs'".into(),
+        );
+        let mut c = Console::open(&cmd, Duration::from_secs(5), log.clone())
+            .await
+            .expect("open");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert!(
+            matches!(c.next_signal(deadline, &log).await, Signal::Panic(l) if l.contains("Unable to mount"))
+        );
+        assert!(matches!(
+            c.next_signal(deadline, &log).await,
+            Signal::Closed(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_console_that_never_appears_is_an_infrastructure_error() {
+        let (_dir, log) = events();
+        let spec = Spec::Tty {
+            path: "/nonexistent/tty".into(),
+            baud: 115_200,
+        };
+        let e = Console::open(&spec, Duration::from_millis(300), log)
+            .await
+            .err()
+            .expect("fails");
+        assert_eq!(e.class, crate::outcome::Class::InfrastructureError);
+        assert!(e.message.contains("/nonexistent/tty"), "{}", e.message);
+    }
+}

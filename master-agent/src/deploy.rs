@@ -202,14 +202,13 @@ pub fn write_image(
             sha256: actual,
         })
     });
-    result.map_err(|e| {
+    result.inspect_err(|_| {
         if let Err(inv) = invalidate(&mut target) {
             tracing::error!(
                 "could not invalidate {} after a failed deploy: {inv}",
                 target.path.display()
             );
         }
-        e
     })
 }
 

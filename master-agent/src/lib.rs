@@ -21,7 +21,7 @@ pub mod platform;
 pub mod results;
 pub mod service;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ferry_proto::console::{Announcement, Role};
@@ -75,10 +75,7 @@ fn advertise_ip(config: &Config) -> Option<IpAddr> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     addrs
         .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
-        .filter_map(|a| {
-            a.address
-                .and_then(|s| s.as_sockaddr_in().map(|v4| Ipv4Addr::from(v4.ip())))
-        })
+        .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|v4| v4.ip())))
         .find(|ip| !ip.is_loopback())
         .map(IpAddr::V4)
 }

@@ -52,7 +52,10 @@ fn run(root: &Path) -> (String, Vec<Record>) {
     (console, records)
 }
 
-fn results(records: &[Record]) -> Vec<(String, String, Outcome, Option<f64>, Option<String>)> {
+/// (definition, case, result, measurement, set)
+type Row = (String, String, Outcome, Option<f64>, Option<String>);
+
+fn results(records: &[Record]) -> Vec<Row> {
     records
         .iter()
         .filter_map(|r| match &r.body {

@@ -45,6 +45,12 @@ struct QemuBoard {
 
 impl QemuBoard {
     fn new(name: &str) -> Self {
+        Self::with_console(name, None)
+    }
+
+    /// A board whose console is QEMU's TCP serial server on `tcp_port`
+    /// (as ser2net would serve a real board's UART) instead of a pty.
+    fn with_console(name: &str, tcp_port: Option<u16>) -> Self {
         images();
         let tmp = tempfile::tempdir().expect("tmp");
         let state = tmp.path().join("board");
@@ -59,6 +65,18 @@ impl QemuBoard {
             )
             .replace("../../target/qemu-board", &state.display().to_string())
             .replace("ferry-qemu0", &netns);
+        let text = match tcp_port {
+            None => text,
+            Some(port) => {
+                let tty = format!("  tty: {}/console\n  baud: 115200\n", state.display());
+                assert!(text.contains(&tty), "example device file changed: {text}");
+                text.replace(&tty, &format!("  tcp: 127.0.0.1:{port}\n"))
+                    .replace(
+                        &format!("--netns {netns}"),
+                        &format!("--netns {netns} --console tcp:{port}"),
+                    )
+            }
+        };
         let device = tmp.path().join("qemu.yaml");
         std::fs::write(&device, text).expect("device");
         QemuBoard { tmp, device, state }
@@ -147,7 +165,11 @@ fn a_hung_test_image_is_hard_reset_back_to_the_master_image() {
         return;
     }
     let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
-    let board = QemuBoard::new("hang");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let board = QemuBoard::with_console("hang", Some(port));
     let job = board.job(
         "hang",
         r#"job: qemu-hang
@@ -196,6 +218,10 @@ test:
     assert!(
         events.contains("\"action\":\"reset\""),
         "the board was hard reset"
+    );
+    assert!(
+        events.contains(&format!("TCP serial server 127.0.0.1:{port}")),
+        "console over TCP"
     );
     assert!(!board.qemu_running(), "QEMU must be gone after the job");
 }
