@@ -98,17 +98,17 @@ impl Session {
         })
     }
 
-    /// Asks who the agent is.
+    /// Asks who the agent is; the raw status lets the caller poll until
+    /// the agent has read its token.
     ///
     /// # Errors
-    /// The mapped failure.
-    pub async fn info(&mut self) -> Result<pb::AgentInfo, Failure> {
+    /// The call's status.
+    pub async fn info(&mut self) -> Result<pb::AgentInfo, Status> {
         let r = self
             .client
             .get_info(with_deadline(pb::GetInfoRequest {}, self.rpc))
             .await;
         r.map(|r| r.into_inner())
-            .map_err(|s| failure("GetInfo", &s))
     }
 
     /// Streams one image to the agent, hashing it on the way: a file that

@@ -16,8 +16,9 @@ use crate::device::Console as Spec;
 use crate::events::EventLog;
 use crate::outcome::Failure;
 
-/// Kernel text that means the board will not get anywhere by itself.
-const PANIC_MARKERS: [&str; 2] = ["Kernel panic - not syncing", "---[ end Kernel panic"];
+/// Kernel text that means the board will not get anywhere by itself. (Its
+/// closing `---[ end Kernel panic` line repeats it and is not a new panic.)
+const PANIC_MARKER: &str = "Kernel panic - not syncing";
 
 /// What the console reader saw.
 #[derive(Debug)]
@@ -148,6 +149,21 @@ impl Console {
         }
     }
 
+    /// Drops lines already received: after a hard reset they describe the
+    /// boot that was cut short, not the next one.
+    pub fn discard_pending(&mut self) {
+        while let Ok(seen) = self.lines.try_recv() {
+            if let Seen::Closed(reason) = seen {
+                self.closed = Some(reason);
+            }
+        }
+    }
+
+    /// Whether the console has closed (a new one must be opened).
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
     /// Waits for the next announcement, panic or close, until `deadline`.
     pub async fn next_signal(&mut self, deadline: Instant, events: &EventLog) -> Signal {
         if let Some(reason) = &self.closed {
@@ -165,7 +181,7 @@ impl Console {
                     return Signal::Closed(reason);
                 }
                 Seen::Line(line) => {
-                    if PANIC_MARKERS.iter().any(|m| line.contains(m)) {
+                    if line.contains(PANIC_MARKER) && !line.contains("---[ end Kernel panic") {
                         return Signal::Panic(line.trim().to_string());
                     }
                     match Announcement::find(&line) {

@@ -187,10 +187,10 @@ async fn authenticate(
                 }
                 return Ok(session);
             }
-            Err(f) if f.message.contains("Unauthenticated") && Instant::now() < deadline => {
+            Err(s) if s.code() == tonic::Code::Unauthenticated && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(f) => return Err(f),
+            Err(s) => return Err(crate::client::failure("GetInfo", &s)),
         }
     }
 }
@@ -250,8 +250,8 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     }
     let deadline = tokio::time::Instant::now() + ctx.job.timeouts.test;
     let mut test_boot: Option<String> = None;
-    let mut test_error: Option<String> = None;
-    let back = loop {
+    // What went wrong in the test boot, found before the results are fetched.
+    let (back, mut problem) = loop {
         match console.next_signal(deadline, &ctx.events).await {
             Signal::Announce(a) if a.role == Role::Test => {
                 ctx.saw(&a);
@@ -259,36 +259,39 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
             }
             Signal::Announce(a) if a.boot != master.boot => {
                 ctx.saw(&a);
-                break a;
+                break (a, None);
             }
             Signal::Announce(_) => {}
             Signal::Panic(line) => {
-                test_error = Some(format!("kernel panic in the test image: {line}"));
-                ctx.events
-                    .say("dispatcher", "kernel panic in the test image: hard reset");
-                power::reset(d, &ctx.events).await?;
-                break wait_master(ctx, &mut console, Some(&master.boot), d.timeouts.announce)
-                    .await?;
+                let why = format!("kernel panic in the test image: {line}");
+                break (
+                    recover(ctx, &mut console, &master.boot, &why).await?,
+                    Some(Failure::test(why)),
+                );
             }
             Signal::Timeout => {
-                test_error = Some(format!("the test image did not return within the test timeout ({:?}); the board was hard reset", ctx.job.timeouts.test));
-                ctx.events.say("dispatcher", "test timeout: hard reset");
-                power::reset(d, &ctx.events).await?;
-                break wait_master(ctx, &mut console, Some(&master.boot), d.timeouts.announce)
-                    .await?;
+                let why = format!(
+                    "the test image did not return within the test timeout ({:?}); the board was hard reset",
+                    ctx.job.timeouts.test
+                );
+                break (
+                    recover(ctx, &mut console, &master.boot, &why).await?,
+                    Some(Failure::test(why)),
+                );
             }
-            Signal::Closed(why) => {
-                return Err(Failure::infra(format!(
-                    "console closed during the test: {why}"
-                )))
+            Signal::Closed(reason) => {
+                let why = format!("console closed during the test ({reason}); the board was hard reset to fetch the results");
+                break (
+                    recover(ctx, &mut console, &master.boot, &why).await?,
+                    Some(Failure::infra(why)),
+                );
             }
         }
     };
-    if test_boot.is_none() && test_error.is_none() {
-        test_error = Some(
-            "the board came back to its master image without the test agent ever announcing itself"
-                .into(),
-        );
+    if test_boot.is_none() && problem.is_none() {
+        problem = Some(Failure::test(
+            "the board came back to its master image without the test agent ever announcing itself",
+        ));
     }
 
     ctx.set_phase(Phase::Fetch);
@@ -303,25 +306,39 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     );
 
     let records = ctx.records.lock().map(|r| r.clone()).unwrap_or_default();
-    if test_error.is_none()
+    if problem.is_none()
         && !records
             .iter()
             .any(|r| matches!(r.body, Body::AgentFinished {}))
     {
-        test_error = Some(
-            match records.iter().find_map(|r| match &r.body {
-                Body::AgentMessage { level, message } if level == "error" => Some(message.clone()),
-                _ => None,
-            }) {
-                Some(m) => format!("the test agent did not finish the plan: {m}"),
-                None => "the test agent did not finish the plan".into(),
-            },
-        );
+        let error = records.iter().find_map(|r| match &r.body {
+            Body::AgentMessage { level, message } if level == "error" => Some(message.clone()),
+            _ => None,
+        });
+        problem = Some(Failure::test(match error {
+            Some(m) => format!("the test agent did not finish the plan: {m}"),
+            None => "the test agent did not finish the plan".into(),
+        }));
     }
-    match test_error {
-        Some(m) => Err(Failure::test(m)),
-        None => Ok(()),
+    problem.map_or(Ok(()), Err)
+}
+
+/// Forces the board back to its master image after a test boot went wrong:
+/// hard reset, reopen the console if it closed, wait for a new master boot.
+async fn recover(
+    ctx: &Ctx,
+    console: &mut Console,
+    old_master: &str,
+    why: &str,
+) -> Result<Announcement, Failure> {
+    let d = &ctx.device;
+    ctx.events.say("dispatcher", format!("{why}: hard reset"));
+    power::reset(d, &ctx.events).await?;
+    console.discard_pending();
+    if console.is_closed() {
+        *console = Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
     }
+    wait_master(ctx, console, Some(old_master), d.timeouts.announce).await
 }
 
 /// Reads whatever record files arrived, merging them into the event log.

@@ -225,3 +225,46 @@ test:
     );
     assert!(!board.qemu_running(), "QEMU must be gone after the job");
 }
+
+#[test]
+fn a_kernel_panic_in_the_test_image_is_a_test_error_and_results_are_kept() {
+    if skip() {
+        return;
+    }
+    let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
+    let board = QemuBoard::new("panic");
+    let job = board.job(
+        "panic",
+        r#"job: qemu-panic
+timeouts: {job: 10m, test: 3m}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: panics}
+        run:
+          steps:
+            - lava-test-case before-panic --result pass
+            - echo c > /proc/sysrq-trigger
+            - lava-test-case never --result pass
+"#,
+    );
+    let run = board.run(&job);
+    assert_eq!(run.code(), Some(4), "{}", run.dump());
+    let message = run.json("outcome.json")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("kernel panic"), "{}", run.dump());
+    assert_eq!(
+        run.results(),
+        vec![
+            r("panics", "before-panic", "pass"),
+            r("lava", "panics", "unknown")
+        ],
+        "{}",
+        run.dump()
+    );
+    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
+    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
+    assert!(!board.qemu_running(), "QEMU must be gone after the job");
+}

@@ -247,3 +247,113 @@ fn sigterm_cancels_powers_off_and_keeps_the_output() {
     assert_eq!(run.json("outcome.json")["class"], "canceled");
     assert!(!board.powered(), "canceled jobs power the board off");
 }
+
+#[test]
+fn an_image_that_does_not_match_its_sha256_is_a_job_error_and_never_booted() {
+    let board = SimBoard::new();
+    let image = workspace().join("examples/jobs/images/firmware.img.gz");
+    let job = board.job(
+        "badsum.yaml",
+        &format!(
+            "job: badsum\ndeploy:\n  - image: {}\n    to: firmware\n    sha256: {}\ntest:\n  definitions:\n    - path: {}\n",
+            image.display(),
+            "ab".repeat(32),
+            workspace().join("examples/jobs/defs/smoke.yaml").display()
+        ),
+    );
+    let run = board.run(&job);
+    assert_exit(&run, 2);
+    let msg = run.json("outcome.json")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        msg.contains(&"ab".repeat(32)) && msg.contains("55376c69c6e1"),
+        "both hashes: {msg}"
+    );
+    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
+    assert_eq!(roles, ["master"], "the test image must not be booted");
+    let part = std::fs::read(board.board.join("parts/firmware")).expect("partition");
+    assert!(
+        part[..1 << 20].iter().all(|b| *b == 0),
+        "the partition is invalidated, not half-written"
+    );
+    assert!(!board.powered());
+}
+
+#[test]
+fn a_killed_test_agent_is_a_test_error_and_its_records_are_kept() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "killed.yaml",
+        r#"job: killed
+timeouts: {test: 1m}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: dies}
+        run:
+          steps:
+            - lava-test-case first --result pass
+            - lava-test-case second --result fail
+            - kill -9 $PPID
+            - sleep 5
+"#,
+    );
+    let run = board.run(&job);
+    assert_exit(&run, 4);
+    let outcome = run.json("outcome.json");
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not finish"),
+        "{}",
+        run.dump()
+    );
+    assert_eq!(
+        run.results(),
+        vec![
+            r("dies", "first", "pass"),
+            r("dies", "second", "fail"),
+            r("lava", "dies", "unknown")
+        ],
+        "{}",
+        run.dump()
+    );
+    assert!(!board.powered());
+}
+
+#[test]
+fn a_console_that_closes_mid_test_is_an_infrastructure_error() {
+    let board = SimBoard::new();
+    // The step cuts the board's power from inside: its console goes away.
+    let off = format!(
+        "{} --board {} off",
+        ferry_tests::bin("ferry-sim-board").display(),
+        board.board.display()
+    );
+    let job = board.job(
+        "cut.yaml",
+        &format!(
+            "job: cut\ntimeouts: {{test: 1m}}\ntest:\n  definitions:\n    - inline:\n        metadata: {{format: Lava-Test Test Definition 1.0, name: cut}}\n        run: {{steps: [\"lava-test-case before --result pass\", \"{off}\"]}}\n"
+        ),
+    );
+    let run = board.run(&job);
+    assert_exit(&run, 3);
+    let msg = run.json("outcome.json")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(msg.contains("console closed"), "{}", run.dump());
+    // The board was brought back and what was recorded before the cut returned.
+    assert_eq!(
+        run.results(),
+        vec![r("cut", "before", "pass"), r("lava", "cut", "unknown")],
+        "{}",
+        run.dump()
+    );
+    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
+    assert_eq!(roles, ["master", "test", "master"]);
+    assert!(!board.powered());
+}
