@@ -33,6 +33,37 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// One row of `results.json`: (suite, name, result).
+pub type Row = (String, String, String);
+
+/// A [`Row`].
+pub fn r(suite: &str, name: &str, result: &str) -> Row {
+    (suite.into(), name.into(), result.into())
+}
+
+/// The results of `examples/jobs/defs/smoke.yaml`, in order.
+pub fn smoke_cases() -> Vec<Row> {
+    vec![
+        r("smoke", "shell-works", "pass"),
+        r("smoke", "greeting", "pass"),
+        r("smoke", "sleep-time", "pass"),
+        r("smoke", "not-yet", "skip"),
+    ]
+}
+
+/// The results of the smoke jobs (both boards run the same definitions).
+pub fn smoke_job_results() -> Vec<Row> {
+    let mut rows = smoke_cases();
+    rows.extend([
+        r("checks", "missing-file", "fail"),
+        r("checks", "arithmetic", "pass"),
+        r("checks", "flaky", "unknown"),
+        r("lava", "smoke", "pass"),
+        r("lava", "checks", "pass"),
+    ]);
+    rows
+}
+
 /// What a dispatcher run left behind.
 pub struct Run {
     /// The process output (stdout is the summary).
@@ -72,7 +103,7 @@ impl Run {
         )
     }
     /// `(suite, name, result)` of every result.
-    pub fn results(&self) -> Vec<(String, String, String)> {
+    pub fn results(&self) -> Vec<Row> {
         let v = self.json("results.json");
         v.as_array()
             .unwrap_or_else(|| panic!("results.json is not an array\n{}", self.dump()))

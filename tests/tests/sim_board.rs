@@ -4,12 +4,8 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_tests::{workspace, Run, SimBoard};
+use ferry_tests::{r, smoke_job_results, workspace, Run, SimBoard};
 use sha2::{Digest, Sha256};
-
-fn r(suite: &str, name: &str, result: &str) -> (String, String, String) {
-    (suite.into(), name.into(), result.into())
-}
 
 fn assert_exit(run: &Run, code: i32) {
     assert_eq!(run.code(), Some(code), "{}", run.dump());
@@ -20,22 +16,7 @@ fn smoke_job_runs_end_to_end_with_exact_results() {
     let board = SimBoard::new();
     let run = board.run(&workspace().join("examples/jobs/smoke.yaml"));
     assert_exit(&run, 0);
-    assert_eq!(
-        run.results(),
-        vec![
-            r("smoke", "shell-works", "pass"),
-            r("smoke", "greeting", "pass"),
-            r("smoke", "sleep-time", "pass"),
-            r("smoke", "not-yet", "skip"),
-            r("checks", "missing-file", "fail"),
-            r("checks", "arithmetic", "pass"),
-            r("checks", "flaky", "unknown"),
-            r("lava", "smoke", "pass"),
-            r("lava", "checks", "pass"),
-        ],
-        "{}",
-        run.dump()
-    );
+    assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
     let measured = &run.json("results.json")[2];
     assert_eq!(measured["measurement"], 0.1);
     assert_eq!(measured["units"], "seconds");
