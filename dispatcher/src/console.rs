@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ferry_proto::console::{Announcement, TokenLine};
 use serde_json::json;
@@ -197,24 +197,51 @@ impl Console {
     }
 }
 
-/// Reads the console until it closes: log every chunk, hand on whole lines.
+/// Console bytes are logged as one event per line (or per pause, or per
+/// 4 KiB), stamped with the time its first byte arrived: a UART hands bytes
+/// over a few at a time, and an event per read would bloat the log.
+const EVENT_PAUSE: Duration = Duration::from_millis(50);
+const EVENT_MAX: usize = 4096;
+
+/// Reads the console until it closes: log every byte, hand on whole lines.
 async fn read(mut reader: Reader, tx: mpsc::UnboundedSender<Seen>, events: Arc<EventLog>) {
     let mut buf = vec![0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut since = SystemTime::now();
+    let closed = |why: String, pending: &[u8], since| {
+        if !pending.is_empty() {
+            events.console(pending, since);
+        }
+        let _ = tx.send(Seen::Closed(why));
+    };
     loop {
-        let n = match reader.read(&mut buf).await {
-            Ok(0) => {
-                let _ = tx.send(Seen::Closed("end of file".into()));
-                return;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                let _ = tx.send(Seen::Closed(e.to_string()));
-                return;
-            }
+        let read = if pending.is_empty() {
+            Ok(reader.read(&mut buf).await)
+        } else {
+            tokio::time::timeout(EVENT_PAUSE, reader.read(&mut buf)).await
         };
-        events.console(&buf[..n]);
+        let n = match read {
+            Err(_) => {
+                // A pause: log the partial line now, so it is not held back.
+                events.console(&pending, since);
+                pending.clear();
+                continue;
+            }
+            Ok(Ok(0)) => return closed("end of file".into(), &pending, since),
+            Ok(Err(e)) => return closed(e.to_string(), &pending, since),
+            Ok(Ok(n)) => n,
+        };
+        let now = SystemTime::now();
         for &b in &buf[..n] {
+            if pending.is_empty() {
+                since = now;
+            }
+            pending.push(b);
+            if b == b'\n' || pending.len() >= EVENT_MAX {
+                events.console(&pending, since);
+                pending.clear();
+            }
             if b == b'\n' {
                 let _ = tx.send(Seen::Line(String::from_utf8_lossy(&line).into_owned()));
                 line.clear();

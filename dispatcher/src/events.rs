@@ -76,14 +76,14 @@ impl EventLog {
         self.write(at, source, fields);
     }
 
-    /// Records bytes read from the console: raw to `console.log`, and as an
-    /// event (text when UTF-8, else the byte values).
-    pub fn console(&self, bytes: &[u8]) {
+    /// Records bytes read from the console, the first of them at `at`: raw
+    /// to `console.log`, and as an event (text when UTF-8, else the byte values).
+    pub fn console(&self, bytes: &[u8], at: SystemTime) {
         let fields = match std::str::from_utf8(bytes) {
             Ok(text) => json!({ "text": text }),
             Err(_) => json!({ "bytes": bytes }),
         };
-        self.write(SystemTime::now(), "console", fields);
+        self.write(at, "console", fields);
         if let Ok(mut files) = self.inner.lock() {
             let _ = files.console.write_all(bytes);
         }

@@ -46,7 +46,8 @@ pub fn open(path: Option<&Path>) -> std::io::Result<(Box<dyn Read + Send>, Conso
 /// Writes one line to the console; a console error must not stop the agent.
 pub fn say(console: &ConsoleWriter, line: &str) {
     if let Ok(mut w) = console.lock() {
-        let _ = w.write_all(format!("{line}\r\n").as_bytes());
+        // A tty's output processing turns the newline into CR LF.
+        let _ = w.write_all(format!("{line}\n").as_bytes());
         let _ = w.flush();
     }
 }
