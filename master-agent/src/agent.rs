@@ -64,6 +64,14 @@ pub enum AgentError {
     /// From reading records.
     #[error(transparent)]
     Results(#[from] ResultsError),
+    /// The board's boot-once command failed.
+    #[error("boot-once command `{command}` failed: {why}")]
+    BootHook {
+        /// The command.
+        command: String,
+        /// Exit status and stderr, or why it could not run.
+        why: String,
+    },
     /// A blocking task died.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -302,13 +310,50 @@ impl Agent {
                 other.name()
             ))),
         })?;
-        let platform = self.platform.clone();
-        let part = partition.clone();
-        blocking(move || Ok(platform::set_boot_once(platform.as_ref(), &part)?)).await?;
+        match &self.config.boot_once_command {
+            Some(command) => self.run_boot_hook(command, &partition).await?,
+            None => {
+                let platform = self.platform.clone();
+                let part = partition.clone();
+                blocking(move || Ok(platform::set_boot_once(platform.as_ref(), &part)?)).await?;
+            }
+        }
         self.with_state(|s| {
             s.phase = Phase::BootSelected(partition);
             Ok(())
         })
+    }
+
+    /// Runs the board's own boot-once command for `partition`.
+    async fn run_boot_hook(&self, command: &str, partition: &str) -> Result<(), AgentError> {
+        let fail = |why: String| AgentError::BootHook {
+            command: command.into(),
+            why,
+        };
+        let run = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(command)
+            .env("FERRY_PARTITION", partition)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(self.config.boot_once_timeout, run)
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "timed out after {:?}",
+                    self.config.boot_once_timeout
+                ))
+            })?
+            .map_err(|e| fail(e.to_string()))?;
+        if !out.status.success() {
+            return Err(fail(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     /// Starts a reboot shortly after the caller has replied.
@@ -359,5 +404,92 @@ impl Agent {
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PlatformConfig;
+    use crate::platform::sim::{SimConfig, SimPartition, SimPlatform};
+
+    fn agent(dir: &std::path::Path, hook: Option<String>) -> Agent {
+        std::fs::create_dir_all(dir.join("root")).expect("mkdir");
+        std::fs::write(dir.join("bootsel"), [0u8; 512]).expect("w");
+        let sim = SimConfig {
+            partitions: [
+                (
+                    "bootsel".to_string(),
+                    SimPartition::File(dir.join("bootsel")),
+                ),
+                (
+                    "testrootfs".to_string(),
+                    SimPartition::Dir(dir.join("root")),
+                ),
+            ]
+            .into(),
+        };
+        let text = "test_agent_bundle: none\nplatform: {linux: {}}\n";
+        let mut config = Config::parse(text, dir).expect("config");
+        config.platform = PlatformConfig::Sim(sim.clone());
+        config.boot_once_command = hook;
+        let console: ConsoleWriter = Arc::new(std::sync::Mutex::new(Box::new(std::io::sink())));
+        Agent::new(
+            Arc::new(SimPlatform::new(sim, "bootsel".into())),
+            config,
+            "b".into(),
+            console,
+        )
+    }
+
+    fn installed(agent: &Agent, partition: &str) {
+        let _ = agent.with_state(|s| {
+            s.phase = Phase::Installed(partition.into());
+            Ok(())
+        });
+    }
+
+    #[tokio::test]
+    async fn the_flag_is_written_unless_the_board_has_its_own_command() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = agent(dir.path(), None);
+        installed(&a, "testrootfs");
+        a.set_boot_once("testrootfs".into()).await.expect("flag");
+        let flag = std::fs::read(dir.path().join("bootsel")).expect("flag");
+        assert_eq!(ferry_proto::boot::decode(&flag), Some("testrootfs".into()));
+        assert_eq!(a.phase(), Phase::BootSelected("testrootfs".into()));
+
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("selected");
+        let a = agent(
+            dir.path(),
+            Some(format!("echo \"$FERRY_PARTITION\" > {}", out.display())),
+        );
+        installed(&a, "testrootfs");
+        a.set_boot_once("testrootfs".into()).await.expect("hook");
+        assert_eq!(
+            std::fs::read_to_string(&out).expect("hook ran"),
+            "testrootfs\n"
+        );
+        assert!(
+            std::fs::read(dir.path().join("bootsel"))
+                .expect("flag")
+                .iter()
+                .all(|b| *b == 0),
+            "flag untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_boot_hook_is_reported_and_nothing_is_selected() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = agent(dir.path(), Some("echo no env >&2; exit 3".into()));
+        installed(&a, "testrootfs");
+        let e = a
+            .set_boot_once("testrootfs".into())
+            .await
+            .expect_err("fails");
+        assert!(e.to_string().contains("no env"), "{e}");
+        assert_eq!(a.phase(), Phase::Installed("testrootfs".into()));
     }
 }

@@ -39,6 +39,15 @@ pub struct Config {
     /// The partition holding the boot-once flag.
     #[serde(default = "default_boot_flag")]
     pub boot_flag_partition: String,
+    /// Instead of writing the flag: a shell command that selects the
+    /// partition in `$FERRY_PARTITION` for the next boot only (e.g.
+    /// `fw_setenv ferry_boot_once "$FERRY_PARTITION"` for U-Boot, or
+    /// `grub-reboot ...`).
+    #[serde(default)]
+    pub boot_once_command: Option<String>,
+    /// How long `boot_once_command` may run.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub boot_once_timeout: Duration,
     /// How often to repeat the announcement until a dispatcher answers.
     #[serde(default = "default_announce", with = "humantime_serde")]
     pub announce_interval: Duration,
@@ -58,6 +67,9 @@ fn default_listen() -> SocketAddr {
 }
 fn default_boot_flag() -> String {
     "bootsel".into()
+}
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_announce() -> Duration {
     Duration::from_secs(2)

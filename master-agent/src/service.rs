@@ -43,7 +43,7 @@ impl From<AgentError> for Status {
                 | InstallError::Hostile { .. }
                 | InstallError::Version { .. } => Status::failed_precondition(msg),
             },
-            AgentError::Results(_) => Status::internal(msg),
+            AgentError::Results(_) | AgentError::BootHook { .. } => Status::internal(msg),
             AgentError::Task(_) => Status::internal(msg),
         }
     }
