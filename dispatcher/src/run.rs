@@ -54,47 +54,57 @@ struct Boot {
     version: String,
 }
 
-/// What a run leaves for the output folder, even when it is cut short.
+/// What the run has learned so far; kept outside the job's future so a
+/// timeout or cancellation still writes it to the output folder.
+#[derive(Default)]
+struct Progress {
+    phase: Option<Phase>,
+    /// The board was rebooted into the test image: every definition of the
+    /// plan then gets a `lava` result, `unknown` if it never finished.
+    tested: bool,
+    boots: Vec<Boot>,
+    records: Vec<Record>,
+}
+
+/// One job's run.
 struct Ctx {
     device: Device,
     job: Job,
     out: PathBuf,
     events: Arc<EventLog>,
-    phase: Mutex<Phase>,
-    boots: Mutex<Vec<Boot>>,
-    records: Mutex<Vec<Record>>,
-    plan_ran: Mutex<bool>,
+    progress: Mutex<Progress>,
 }
 
 impl Ctx {
+    fn progress<T>(&self, f: impl FnOnce(&mut Progress) -> T) -> Option<T> {
+        self.progress.lock().ok().map(|mut p| f(&mut p))
+    }
     fn set_phase(&self, p: Phase) {
-        if let Ok(mut phase) = self.phase.lock() {
-            *phase = p;
-        }
+        self.progress(|s| {
+            s.phase = Some(p);
+            s.tested |= p == Phase::Test;
+        });
         self.events
             .event("dispatcher", json!({ "phase": p.name() }));
     }
     fn phase(&self) -> Phase {
-        self.phase.lock().map(|p| *p).unwrap_or(Phase::Done)
+        self.progress(|s| s.phase).flatten().unwrap_or(Phase::Power)
     }
     fn saw(&self, a: &Announcement) {
-        let role = match a.role {
-            Role::Master => "master",
-            Role::Test => "test",
-        };
+        let role = a.role.as_str();
         self.events.event(
             "dispatcher",
             json!({ "kind": "boot", "role": role, "boot": a.boot, "version": a.version, "addr": a.addr.map(|x| x.to_string()) }),
         );
-        if let Ok(mut b) = self.boots.lock() {
-            if !b.iter().any(|x| x.boot == a.boot) {
-                b.push(Boot {
+        self.progress(|s| {
+            if !s.boots.iter().any(|x| x.boot == a.boot) {
+                s.boots.push(Boot {
                     role,
                     boot: a.boot.clone(),
                     version: a.version.clone(),
                 });
             }
-        }
+        });
     }
 }
 
@@ -245,9 +255,6 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     drop(session);
 
     ctx.set_phase(Phase::Test);
-    if let Ok(mut ran) = ctx.plan_ran.lock() {
-        *ran = true;
-    }
     let deadline = tokio::time::Instant::now() + ctx.job.timeouts.test;
     let mut test_boot: Option<String> = None;
     // What went wrong in the test boot, found before the results are fetched.
@@ -305,7 +312,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
         format!("fetched {} record file(s)", files.len()),
     );
 
-    let records = ctx.records.lock().map(|r| r.clone()).unwrap_or_default();
+    let records = ctx.progress(|s| s.records.clone()).unwrap_or_default();
     if problem.is_none()
         && !records
             .iter()
@@ -367,9 +374,7 @@ fn load_records(ctx: &Ctx, dir: &Path) {
         }
         all.extend(records);
     }
-    if let Ok(mut r) = ctx.records.lock() {
-        *r = all;
-    }
+    ctx.progress(|s| s.records = all);
 }
 
 /// How the run ended, for the output folder and the exit code.
@@ -431,10 +436,7 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
         job,
         out: out.into(),
         events: events.clone(),
-        phase: Mutex::new(Phase::Power),
-        boots: Mutex::new(Vec::new()),
-        records: Mutex::new(Vec::new()),
-        plan_ran: Mutex::new(false),
+        progress: Mutex::new(Progress::default()),
     };
     let job_timeout = ctx.job.timeouts.job;
     let result = tokio::select! {
@@ -516,10 +518,10 @@ fn write_outcome(
 }
 
 fn write_outputs(ctx: &Ctx, outcome: &Outcome, started: SystemTime) {
-    let records = ctx.records.lock().map(|r| r.clone()).unwrap_or_default();
-    let plan_ran = ctx.plan_ran.lock().map(|r| *r).unwrap_or(false);
-    let results = report::results(&ctx.job.plan, &records, plan_ran);
-    let boots = ctx.boots.lock().map(|b| b.clone()).unwrap_or_default();
+    let (records, boots, tested) = ctx
+        .progress(|s| (s.records.clone(), s.boots.clone(), s.tested))
+        .unwrap_or_default();
+    let results = report::results(&ctx.job.plan, &records, tested);
     ctx.events.event(
         "dispatcher",
         json!({ "kind": "outcome", "class": outcome.class, "message": outcome.message }),

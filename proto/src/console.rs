@@ -25,7 +25,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    /// Its name on the console.
+    pub fn as_str(self) -> &'static str {
         match self {
             Role::Master => "master",
             Role::Test => "test",
