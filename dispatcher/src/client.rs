@@ -71,19 +71,29 @@ impl Session {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Failure::infra(format!("agent address {addr}: {e}")))?
             .connect_timeout(rpc);
-        let channel = endpoint
-            .connect_with_connector(tower::service_fn(move |_| {
-                let ns = namespace.clone();
+        // The board's link may come up a moment after the agent announces:
+        // retry refused or unreachable connections until the deadline.
+        let deadline = tokio::time::Instant::now() + rpc;
+        let channel = loop {
+            let ns = namespace.clone();
+            let connector = tower::service_fn(move |_| {
+                let ns = ns.clone();
                 async move {
                     netns::connect(addr, ns.as_deref(), rpc)
                         .await
                         .map(TokioIo::new)
                 }
-            }))
-            .await
-            .map_err(|e| {
-                Failure::infra(format!("cannot connect to the master agent at {addr}: {e}"))
-            })?;
+            });
+            match endpoint.connect_with_connector(connector).await {
+                Ok(channel) => break channel,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Failure::infra(format!(
+                        "cannot connect to the master agent at {addr}: {e}"
+                    )));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
         let bearer: MetadataValue<_> = ferry_proto::bearer(token)
             .parse()
             .map_err(|_| Failure::infra("token is not valid metadata"))?;

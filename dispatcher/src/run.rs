@@ -304,6 +304,11 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     ctx.set_phase(Phase::Fetch);
     let mut session = authenticate(ctx, &mut console, &back, &token).await?;
     let board_dir = ctx.out.join("board");
+    // An output folder may be reused: only this job's records may be read back.
+    if board_dir.exists() {
+        std::fs::remove_dir_all(&board_dir)
+            .map_err(|e| Failure::infra(format!("clearing {}: {e}", board_dir.display())))?;
+    }
     let fetched = session.fetch(part, &board_dir, d.timeouts.fetch).await;
     load_records(ctx, &board_dir);
     let files = fetched?;

@@ -83,20 +83,24 @@ test:
         run: {steps: ["lava-test-case runs --result pass"]}
 "#,
     );
-    let run = board.run(&job);
-    assert_exit(&run, 0);
-    assert_eq!(
-        run.results(),
-        vec![
-            r("breaks", "before", "pass"),
-            r("next", "runs", "pass"),
-            r("lava", "breaks", "fail"),
-            r("lava", "next", "pass")
-        ],
-        "{}",
-        run.dump()
-    );
-    assert!(!board.powered());
+    // Twice into the same output folder, on the same board: each run's
+    // results are its own (the board's and the folder's old records are gone).
+    for _ in 0..2 {
+        let run = board.run(&job);
+        assert_exit(&run, 0);
+        assert_eq!(
+            run.results(),
+            vec![
+                r("breaks", "before", "pass"),
+                r("next", "runs", "pass"),
+                r("lava", "breaks", "fail"),
+                r("lava", "next", "pass")
+            ],
+            "{}",
+            run.dump()
+        );
+        assert!(!board.powered());
+    }
 }
 
 #[test]
