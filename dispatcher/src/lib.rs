@@ -4,7 +4,8 @@
 //! Module map: [`run`] is the job from power-on to results; [`job`] and
 //! [`device`] read the user's files; [`power`], [`console`] and [`client`]
 //! (with [`netns`]) talk to the board; [`events`] and [`report`] write the
-//! output folder; [`outcome`] is the exit-code contract.
+//! output folder ([`output`] the files schedulers read); [`outcome`] is
+//! the exit-code contract.
 
 pub mod cli;
 pub mod client;
@@ -14,6 +15,7 @@ pub mod events;
 pub mod job;
 pub mod netns;
 pub mod outcome;
+pub mod output;
 pub mod power;
 pub mod report;
 pub mod run;

@@ -90,6 +90,24 @@ impl Failure {
     }
 }
 
+/// How a run ended, for the output folder and the exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The class.
+    pub class: Class,
+    /// What happened.
+    pub message: String,
+}
+
+impl From<Failure> for Outcome {
+    fn from(f: Failure) -> Self {
+        Outcome {
+            class: f.class,
+            message: f.message,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,9 +16,10 @@ use crate::console::{Console, Signal};
 use crate::device::Device;
 use crate::events::{from_micros, EventLog};
 use crate::job::Job;
-use crate::outcome::{Class, Failure};
+use crate::outcome::{Class, Failure, Outcome};
+use crate::output::{self, Boot};
 use crate::power;
-use crate::report::{self, Counts, TestResult};
+use crate::report;
 
 /// Where the job is; decides the class of a job timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,14 +45,6 @@ impl Phase {
             Phase::Done => "done",
         }
     }
-}
-
-/// A boot the dispatcher saw announced.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Boot {
-    role: &'static str,
-    boot: String,
-    version: String,
 }
 
 /// What the run has learned so far; kept outside the job's future so a
@@ -382,15 +375,6 @@ fn load_records(ctx: &Ctx, dir: &Path) {
     ctx.progress(|s| s.records = all);
 }
 
-/// How the run ended, for the output folder and the exit code.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// The class.
-    pub class: Class,
-    /// What happened.
-    pub message: String,
-}
-
 /// Waits for SIGTERM or SIGINT.
 async fn cancelled() -> &'static str {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -421,16 +405,31 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
             }
         }
     };
+    let unstarted = |f: Failure, device: Option<&Device>| {
+        events.say("dispatcher", &f.message);
+        let outcome = Outcome::from(f);
+        output::write(&output::Report {
+            out,
+            job: None,
+            device: device.map(|d| d.name.as_str()),
+            warnings: &[],
+            outcome: &outcome,
+            boots: &[],
+            results: &[],
+            started,
+        });
+        outcome
+    };
     let device = match Device::load(device_path) {
         Ok(d) => d,
-        Err(f) => return finish_unstarted(&events, out, f, started),
+        Err(f) => return unstarted(f, None),
     };
     let job = match Job::load(job_path, &device) {
         Ok(j) => j,
         Err(f) => {
             // The board may be on from an earlier job: leave it off.
             let _ = power::off(&device, &events).await;
-            return finish_unstarted(&events, out, f, started);
+            return unstarted(f, Some(&device));
         }
     };
     for w in &job.warnings {
@@ -461,10 +460,7 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
             class: Class::Complete,
             message: "job complete".into(),
         },
-        Err(f) => Outcome {
-            class: f.class,
-            message: f.message,
-        },
+        Err(f) => Outcome::from(f),
     };
     if let Err(f) = power::off(&ctx.device, &events).await {
         events.say("dispatcher", format!("power off failed: {}", f.message));
@@ -475,122 +471,23 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
             };
         }
     }
-    write_outputs(&ctx, &outcome, started);
-    outcome
-}
-
-fn finish_unstarted(events: &EventLog, out: &Path, f: Failure, started: SystemTime) -> Outcome {
-    events.say("dispatcher", &f.message);
-    events.flush();
-    let outcome = Outcome {
-        class: f.class,
-        message: f.message,
-    };
-    let _ = std::fs::write(out.join("results.json"), "[]\n");
-    let _ = std::fs::write(out.join("junit.xml"), report::junit("", &[]));
-    write_outcome(out, &outcome, None, &[], &[], started);
-    println!(
-        "ferry: {} (exit {}): {}",
-        outcome.class.name(),
-        outcome.class.exit_code(),
-        outcome.message
-    );
-    outcome
-}
-
-fn write_outcome(
-    out: &Path,
-    o: &Outcome,
-    ctx: Option<&Ctx>,
-    boots: &[Boot],
-    results: &[TestResult],
-    started: SystemTime,
-) {
-    let counts = Counts::of(results);
-    let value = json!({
-        "class": o.class,
-        "exit_code": o.class.exit_code(),
-        "message": o.message,
-        "job": ctx.map(|c| c.job.name.clone()),
-        "device": ctx.map(|c| c.device.name.clone()),
-        "duration_seconds": started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0),
-        "boots": boots,
-        "results": { "pass": counts.pass, "fail": counts.fail, "skip": counts.skip, "unknown": counts.unknown },
-        "warnings": ctx.map(|c| c.job.warnings.clone()).unwrap_or_default(),
-    });
-    let text = serde_json::to_string_pretty(&value).unwrap_or_default();
-    let _ = std::fs::write(out.join("outcome.json"), text + "\n");
-}
-
-fn write_outputs(ctx: &Ctx, outcome: &Outcome, started: SystemTime) {
     let (records, boots, tested) = ctx
         .progress(|s| (s.records.clone(), s.boots.clone(), s.tested))
         .unwrap_or_default();
     let results = report::results(&ctx.job.plan, &records, tested);
-    ctx.events.event(
+    events.event(
         "dispatcher",
         json!({ "kind": "outcome", "class": outcome.class, "message": outcome.message }),
     );
-    ctx.events.flush();
-    let json = serde_json::to_string_pretty(&results).unwrap_or_else(|_| "[]".into());
-    let _ = std::fs::write(ctx.out.join("results.json"), json + "\n");
-    let _ = std::fs::write(
-        ctx.out.join("junit.xml"),
-        report::junit(&ctx.job.name, &results),
-    );
-    write_outcome(&ctx.out, outcome, Some(ctx), &boots, &results, started);
-    let summary = summary(ctx, outcome, &results, &boots, started);
-    let _ = std::fs::write(ctx.out.join("summary.txt"), &summary);
-    use std::io::Write;
-    // A closed stdout (a scheduler that stopped reading) is not an error.
-    let _ = std::io::stdout().write_all(summary.as_bytes());
-}
-
-fn summary(
-    ctx: &Ctx,
-    o: &Outcome,
-    results: &[TestResult],
-    boots: &[Boot],
-    started: SystemTime,
-) -> String {
-    use std::fmt::Write;
-    let c = Counts::of(results.iter().filter(|r| r.suite != report::LAVA_SUITE));
-    let secs = started.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "ferry: job {} on {}: {} (exit {}) in {secs:.1}s",
-        ctx.job.name,
-        ctx.device.name,
-        o.class.name(),
-        o.class.exit_code()
-    );
-    if o.class != Class::Complete {
-        let _ = writeln!(s, "  {}", o.message);
-    }
-    let _ = writeln!(
-        s,
-        "  test cases: {} pass, {} fail, {} skip, {} unknown",
-        c.pass, c.fail, c.skip, c.unknown
-    );
-    for def in results.iter().filter(|r| r.suite == report::LAVA_SUITE) {
-        let _ = writeln!(s, "  definition {:<24} {}", def.name, def.result.as_str());
-    }
-    let shown: Vec<_> = results
-        .iter()
-        .filter(|r| r.suite != report::LAVA_SUITE && r.result.as_str() != "pass")
-        .take(15)
-        .collect();
-    for r in &shown {
-        let _ = writeln!(s, "    {:>7}  {}/{}", r.result.as_str(), r.suite, r.name);
-    }
-    if !boots.is_empty() {
-        let path: Vec<_> = boots.iter().map(|b| b.role).collect();
-        let _ = writeln!(s, "  boots: {}", path.join(" -> "));
-    }
-    for w in &ctx.job.warnings {
-        let _ = writeln!(s, "  warning: {w}");
-    }
-    let _ = writeln!(s, "  output: {}", ctx.out.display());
-    s
+    output::write(&output::Report {
+        out,
+        job: Some(&ctx.job.name),
+        device: Some(&ctx.device.name),
+        warnings: &ctx.job.warnings,
+        outcome: &outcome,
+        boots: &boots,
+        results: &results,
+        started,
+    });
+    outcome
 }

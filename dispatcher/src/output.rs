@@ -1,0 +1,121 @@
+//! The output folder schedulers and people read: `results.json`,
+//! `junit.xml`, `outcome.json` and `summary.txt` (also printed on stdout).
+//! `events.jsonl` and `console.log` are written live by [`crate::events`].
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::outcome::{Class, Outcome};
+use crate::report::{self, Counts, TestResult, LAVA_SUITE};
+
+/// A boot the dispatcher saw announced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Boot {
+    /// "master" or "test".
+    pub role: &'static str,
+    /// Its boot id.
+    pub boot: String,
+    /// The announcing agent's version.
+    pub version: String,
+}
+
+/// Everything the output folder says about a run.
+pub struct Report<'a> {
+    /// The folder.
+    pub out: &'a Path,
+    /// The job's name, once its file was read.
+    pub job: Option<&'a str>,
+    /// The board's name, once its file was read.
+    pub device: Option<&'a str>,
+    /// Things accepted but not acted on.
+    pub warnings: &'a [String],
+    /// How it ended.
+    pub outcome: &'a Outcome,
+    /// Boots seen, in order.
+    pub boots: &'a [Boot],
+    /// Results, in LAVA's shape.
+    pub results: &'a [TestResult],
+    /// When the run started.
+    pub started: SystemTime,
+}
+
+/// Writes the folder's files and prints the summary. Best effort: a file
+/// that cannot be written must not hide the exit code.
+pub fn write(r: &Report) {
+    let results = serde_json::to_string_pretty(r.results).unwrap_or_else(|_| "[]".into());
+    let _ = std::fs::write(r.out.join("results.json"), results + "\n");
+    let _ = std::fs::write(
+        r.out.join("junit.xml"),
+        report::junit(r.job.unwrap_or(""), r.results),
+    );
+    let counts = Counts::of(r.results);
+    let outcome = json!({
+        "class": r.outcome.class,
+        "exit_code": r.outcome.class.exit_code(),
+        "message": r.outcome.message,
+        "job": r.job,
+        "device": r.device,
+        "duration_seconds": seconds(r.started),
+        "boots": r.boots,
+        "results": { "pass": counts.pass, "fail": counts.fail, "skip": counts.skip, "unknown": counts.unknown },
+        "warnings": r.warnings,
+    });
+    let text = serde_json::to_string_pretty(&outcome).unwrap_or_default();
+    let _ = std::fs::write(r.out.join("outcome.json"), text + "\n");
+    let summary = summary(r);
+    let _ = std::fs::write(r.out.join("summary.txt"), &summary);
+    // A closed stdout (a scheduler that stopped reading) is not an error.
+    let _ = std::io::stdout().write_all(summary.as_bytes());
+}
+
+fn seconds(since: SystemTime) -> f64 {
+    since.elapsed().map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The one-screen summary.
+fn summary(r: &Report) -> String {
+    let o = r.outcome;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "ferry: job {} on {}: {} (exit {}) in {:.1}s",
+        r.job.unwrap_or("(unread)"),
+        r.device.unwrap_or("(unread)"),
+        o.class.name(),
+        o.class.exit_code(),
+        seconds(r.started)
+    );
+    if o.class != Class::Complete {
+        let _ = writeln!(s, "  {}", o.message);
+    }
+    let c = Counts::of(r.results.iter().filter(|t| t.suite != LAVA_SUITE));
+    let _ = writeln!(
+        s,
+        "  test cases: {} pass, {} fail, {} skip, {} unknown",
+        c.pass, c.fail, c.skip, c.unknown
+    );
+    for def in r.results.iter().filter(|t| t.suite == LAVA_SUITE) {
+        let _ = writeln!(s, "  definition {:<24} {}", def.name, def.result.as_str());
+    }
+    let not_passed = r
+        .results
+        .iter()
+        .filter(|t| t.suite != LAVA_SUITE && t.result.as_str() != "pass");
+    for t in not_passed.take(15) {
+        let _ = writeln!(s, "    {:>7}  {}/{}", t.result.as_str(), t.suite, t.name);
+    }
+    if !r.boots.is_empty() {
+        let path: Vec<_> = r.boots.iter().map(|b| b.role).collect();
+        let _ = writeln!(s, "  boots: {}", path.join(" -> "));
+    }
+    for w in r.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
+    let _ = writeln!(s, "  output: {}", r.out.display());
+    s
+}
