@@ -42,6 +42,7 @@ pub fn main() -> ExitCode {
                 .unwrap_or_else(|_| "ferry=info,warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let cli = Cli::parse();

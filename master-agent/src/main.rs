@@ -22,6 +22,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Logs go to a serial console: no colour escapes.
+        .with_ansi(false)
         .init();
     let cli = Cli::parse();
     let result = (|| -> anyhow::Result<()> {
