@@ -77,6 +77,28 @@ impl Run {
     pub fn code(&self) -> Option<i32> {
         self.output.status.code()
     }
+    /// Asserts the run ended in `class` with its documented exit code, in
+    /// both the exit status and `outcome.json`; returns the outcome message.
+    pub fn expect_outcome(&self, class: &str) -> String {
+        let code = match class {
+            "complete" => 0,
+            "job-error" => 2,
+            "infrastructure-error" => 3,
+            "test-error" => 4,
+            "canceled" => 5,
+            other => panic!("no outcome class {other:?}"),
+        };
+        assert_eq!(self.code(), Some(code), "{}", self.dump());
+        let outcome = self.json("outcome.json");
+        assert_eq!(
+            (outcome["class"].as_str(), outcome["exit_code"].as_i64()),
+            (Some(class), Some(i64::from(code))),
+            "{}",
+            self.dump()
+        );
+        outcome["message"].as_str().unwrap_or_default().to_string()
+    }
+
     /// A file of the output folder, parsed as JSON.
     pub fn json(&self, name: &str) -> serde_json::Value {
         let text = std::fs::read_to_string(self.dir.join(name))

@@ -122,7 +122,7 @@ fn smoke_job_on_the_virtual_board() {
     let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
     let board = QemuBoard::new("smoke");
     let run = board.run(&workspace().join("examples/jobs/qemu-smoke.yaml"));
-    assert_eq!(run.code(), Some(0), "{}", run.dump());
+    run.expect_outcome("complete");
     // The same records as the simulated board's smoke job.
     assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
     let boots = run.boots();
@@ -170,17 +170,8 @@ test:
 "#,
     );
     let run = board.run(&job);
-    assert_eq!(run.code(), Some(4), "{}", run.dump());
-    let outcome = run.json("outcome.json");
-    assert_eq!(outcome["class"], "test-error");
-    assert!(
-        outcome["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("hard reset"),
-        "{}",
-        run.dump()
-    );
+    let msg = run.expect_outcome("test-error");
+    assert!(msg.contains("hard reset"), "{}", run.dump());
     assert_eq!(
         run.results(),
         [
@@ -232,12 +223,8 @@ test:
 "#,
     );
     let run = board.run(&job);
-    assert_eq!(run.code(), Some(4), "{}", run.dump());
-    let message = run.json("outcome.json")["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(message.contains("kernel panic"), "{}", run.dump());
+    let msg = run.expect_outcome("test-error");
+    assert!(msg.contains("kernel panic"), "{}", run.dump());
     assert_eq!(
         run.results(),
         vec![

@@ -7,15 +7,11 @@ use std::time::{Duration, Instant};
 use ferry_tests::{r, smoke_job_results, workspace, Run, SimBoard};
 use sha2::{Digest, Sha256};
 
-fn assert_exit(run: &Run, code: i32) {
-    assert_eq!(run.code(), Some(code), "{}", run.dump());
-}
-
 #[test]
 fn smoke_job_runs_end_to_end_with_exact_results() {
     let board = SimBoard::new();
     let run = board.run(&workspace().join("examples/jobs/smoke.yaml"));
-    assert_exit(&run, 0);
+    run.expect_outcome("complete");
     assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
     let measured = &run.json("results.json")[2];
     assert_eq!(measured["measurement"], 0.1);
@@ -36,11 +32,6 @@ fn smoke_job_runs_end_to_end_with_exact_results() {
         "{junit}"
     );
 
-    let outcome = run.json("outcome.json");
-    assert_eq!(
-        (outcome["class"].as_str(), outcome["exit_code"].as_i64()),
-        (Some("complete"), Some(0))
-    );
     let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
     assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
 
@@ -87,7 +78,7 @@ test:
     // results are its own (the board's and the folder's old records are gone).
     for _ in 0..2 {
         let run = board.run(&job);
-        assert_exit(&run, 0);
+        run.expect_outcome("complete");
         assert_eq!(
             run.results(),
             vec![
@@ -111,10 +102,7 @@ fn an_unknown_key_is_a_job_error_naming_file_line_and_key() {
         "job: typo\ntimeouts: {job: 1m}\ntset:\n  definitions: []\n",
     );
     let run = board.run(&job);
-    assert_exit(&run, 2);
-    let outcome = run.json("outcome.json");
-    assert_eq!(outcome["class"], "job-error");
-    let msg = outcome["message"].as_str().unwrap_or_default();
+    let msg = run.expect_outcome("job-error");
     assert!(
         msg.contains("typo.yaml:3:1") && msg.contains("unknown field `tset`"),
         "{msg}"
@@ -132,17 +120,8 @@ fn an_unreachable_console_is_an_infrastructure_error() {
     });
     let job = board.job("any.yaml", "job: any\n");
     let run = board.run(&job);
-    assert_exit(&run, 3);
-    let outcome = run.json("outcome.json");
-    assert_eq!(outcome["class"], "infrastructure-error");
-    assert!(
-        outcome["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cannot open console"),
-        "{}",
-        run.dump()
-    );
+    let msg = run.expect_outcome("infrastructure-error");
+    assert!(msg.contains("cannot open console"), "{}", run.dump());
     assert!(!board.powered(), "powered off on the error path too");
 }
 
@@ -165,17 +144,8 @@ test:
 "#,
     );
     let run = board.run(&job);
-    assert_exit(&run, 4);
-    let outcome = run.json("outcome.json");
-    assert_eq!(outcome["class"], "test-error");
-    assert!(
-        outcome["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("hard reset"),
-        "{}",
-        run.dump()
-    );
+    let msg = run.expect_outcome("test-error");
+    assert!(msg.contains("hard reset"), "{}", run.dump());
     assert_eq!(
         run.results(),
         vec![
@@ -228,8 +198,8 @@ fn sigterm_cancels_powers_off_and_keeps_the_output() {
     .expect("kill");
     let output = child.wait_with_output().expect("output");
     let run = Run { output, dir: out };
-    assert_eq!(run.code(), Some(5), "{}", run.dump());
-    assert_eq!(run.json("outcome.json")["class"], "canceled");
+    let msg = run.expect_outcome("canceled");
+    assert!(msg.contains("SIGTERM"), "{msg}");
     assert!(!board.powered(), "canceled jobs power the board off");
 }
 
@@ -247,11 +217,7 @@ fn an_image_that_does_not_match_its_sha256_is_a_job_error_and_never_booted() {
         ),
     );
     let run = board.run(&job);
-    assert_exit(&run, 2);
-    let msg = run.json("outcome.json")["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let msg = run.expect_outcome("job-error");
     assert!(
         msg.contains(&"ab".repeat(32)) && msg.contains("55376c69c6e1"),
         "both hashes: {msg}"
@@ -286,16 +252,8 @@ test:
 "#,
     );
     let run = board.run(&job);
-    assert_exit(&run, 4);
-    let outcome = run.json("outcome.json");
-    assert!(
-        outcome["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("did not finish"),
-        "{}",
-        run.dump()
-    );
+    let msg = run.expect_outcome("test-error");
+    assert!(msg.contains("did not finish"), "{}", run.dump());
     assert_eq!(
         run.results(),
         vec![
@@ -325,11 +283,7 @@ fn a_console_that_closes_mid_test_is_an_infrastructure_error() {
         ),
     );
     let run = board.run(&job);
-    assert_exit(&run, 3);
-    let msg = run.json("outcome.json")["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let msg = run.expect_outcome("infrastructure-error");
     assert!(msg.contains("console closed"), "{}", run.dump());
     // The board was brought back and what was recorded before the cut returned.
     assert_eq!(
