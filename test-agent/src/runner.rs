@@ -115,12 +115,16 @@ fn prepare(path: &Path, result: std::io::Result<()>) -> Result<(), RunError> {
     })
 }
 
+/// Longest piece of a line kept in one record: a longer line is split over
+/// several records, never truncated, and never held whole in memory.
+const MAX_LINE: u64 = 64 * 1024;
+
 fn read_lines(stream: Stream, pipe: impl Read, tx: Sender<(Stream, String)>) {
     let mut reader = BufReader::new(pipe);
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
+        match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut buf) {
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let line = String::from_utf8_lossy(&buf);
@@ -280,6 +284,19 @@ fn record_line(
 mod tests {
     use super::*;
     use ferry_proto::plan::v1::Param;
+
+    #[test]
+    fn long_lines_are_split_not_truncated() {
+        let long = "x".repeat(MAX_LINE as usize * 2 + 10);
+        let input = format!("short\n{long}\nlast");
+        let (tx, rx) = channel();
+        read_lines(Stream::Stdout, input.as_bytes(), tx);
+        let lines: Vec<String> = rx.into_iter().map(|(_, l)| l).collect();
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[0], "short");
+        assert_eq!(lines[1..4].concat(), long);
+        assert_eq!(lines[4], "last");
+    }
 
     #[test]
     fn script_quotes_params_and_keeps_step_order() {
