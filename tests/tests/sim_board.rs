@@ -296,3 +296,69 @@ fn a_console_that_closes_mid_test_is_an_infrastructure_error() {
     assert_eq!(roles, ["master", "test", "master"]);
     assert!(!board.powered());
 }
+
+/// ser2net (Debian's serial-to-network server) in front of the board's pty,
+/// as in a lab where consoles are reached over TCP.
+struct Ser2net(std::process::Child);
+
+impl Ser2net {
+    fn start(dir: &std::path::Path, tty: &std::path::Path) -> (Self, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let config = dir.join("ser2net.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "%YAML 1.1\n---\nconnection: &board\n  accepter: tcp,127.0.0.1,{port}\n  connector: serialdev,{},115200n81,local\n  options:\n    kickolduser: true\n",
+                tty.display()
+            ),
+        )
+        .expect("ser2net config");
+        let child = Command::new("ser2net")
+            .arg("-d")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ser2net is installed (.ci/run installs it)");
+        (Ser2net(child), port)
+    }
+}
+
+impl Drop for Ser2net {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_console_can_be_reached_through_ser2net() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut port = 0;
+    let mut server = None;
+    let board = SimBoard::with_device(|d| {
+        let tty_line = d
+            .lines()
+            .find(|l| l.trim_start().starts_with("tty: "))
+            .expect("tty line")
+            .to_string();
+        let tty = std::path::PathBuf::from(tty_line.trim_start().trim_start_matches("tty: "));
+        let (s, p) = Ser2net::start(tmp.path(), &tty);
+        server = Some(s);
+        port = p;
+        d.replace(&tty_line, &format!("  tcp: 127.0.0.1:{p}"))
+            .replace("  baud: 115200\n", "")
+    });
+    let run = board.run(&workspace().join("examples/jobs/smoke.yaml"));
+    run.expect_outcome("complete");
+    assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
+    assert!(run
+        .text("events.jsonl")
+        .contains(&format!("TCP serial server 127.0.0.1:{port}")));
+    drop(server);
+    assert!(!board.powered());
+}
