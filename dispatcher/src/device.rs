@@ -30,6 +30,7 @@ struct ConsoleFile {
     #[serde(default = "default_baud")]
     baud: u32,
     tcp: Option<String>,
+    telnet: Option<String>,
     command: Option<String>,
 }
 
@@ -47,8 +48,10 @@ pub enum Console {
         /// Baud rate.
         baud: u32,
     },
-    /// A TCP serial server (ser2net raw mode), `host:port`.
+    /// A TCP serial server in raw mode (ser2net `tcp`), `host:port`.
     Tcp(String),
+    /// A serial server's telnet port (ser2net `telnet`), `host:port`.
+    Telnet(String),
     /// A command whose stdin/stdout is the console.
     Command(String),
 }
@@ -153,16 +156,17 @@ impl Device {
         };
         let bad = |msg: &str| Failure::job(format!("device file {}: {msg}", path.display()));
         let c = file.console;
-        let console = match (c.tty, c.tcp, c.command) {
-            (Some(tty), None, None) => Console::Tty {
+        let console = match (c.tty, c.tcp, c.telnet, c.command) {
+            (Some(tty), None, None, None) => Console::Tty {
                 path: dir.join(tty),
                 baud: c.baud,
             },
-            (None, Some(addr), None) => Console::Tcp(addr),
-            (None, None, Some(cmd)) => Console::Command(cmd),
+            (None, Some(addr), None, None) => Console::Tcp(addr),
+            (None, None, Some(addr), None) => Console::Telnet(addr),
+            (None, None, None, Some(cmd)) => Console::Command(cmd),
             _ => {
                 return Err(bad(
-                    "console: give exactly one of `tty`, `tcp` or `command`",
+                    "console: give exactly one of `tty`, `tcp`, `telnet` or `command`",
                 ))
             }
         };

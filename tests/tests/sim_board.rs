@@ -302,7 +302,8 @@ fn a_console_that_closes_mid_test_is_an_infrastructure_error() {
 struct Ser2net(std::process::Child);
 
 impl Ser2net {
-    fn start(dir: &std::path::Path, tty: &std::path::Path) -> (Self, u16) {
+    /// Serves `tty` on a free loopback port, raw or with telnet.
+    fn start(dir: &std::path::Path, tty: &std::path::Path, telnet: bool) -> (Self, u16) {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -311,7 +312,8 @@ impl Ser2net {
         std::fs::write(
             &config,
             format!(
-                "%YAML 1.1\n---\nconnection: &board\n  accepter: tcp,127.0.0.1,{port}\n  connector: serialdev,{},115200n81,local\n  options:\n    kickolduser: true\n",
+                "%YAML 1.1\n---\nconnection: &board\n  accepter: {}tcp,127.0.0.1,{port}\n  connector: serialdev,{},115200n81,local\n  options:\n    kickolduser: true\n",
+                if telnet { "telnet," } else { "" },
                 tty.display()
             ),
         )
@@ -335,11 +337,16 @@ impl Drop for Ser2net {
     }
 }
 
-#[test]
-fn the_console_can_be_reached_through_ser2net() {
+/// The smoke job with the console behind ser2net, raw or telnet.
+fn through_ser2net(telnet: bool) {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut port = 0;
     let mut server = None;
+    let (key, label) = if telnet {
+        ("telnet", "telnet serial server")
+    } else {
+        ("tcp", "TCP serial server")
+    };
     let board = SimBoard::with_device(|d| {
         let tty_line = d
             .lines()
@@ -347,10 +354,10 @@ fn the_console_can_be_reached_through_ser2net() {
             .expect("tty line")
             .to_string();
         let tty = std::path::PathBuf::from(tty_line.trim_start().trim_start_matches("tty: "));
-        let (s, p) = Ser2net::start(tmp.path(), &tty);
+        let (s, p) = Ser2net::start(tmp.path(), &tty, telnet);
         server = Some(s);
         port = p;
-        d.replace(&tty_line, &format!("  tcp: 127.0.0.1:{p}"))
+        d.replace(&tty_line, &format!("  {key}: 127.0.0.1:{p}"))
             .replace("  baud: 115200\n", "")
     });
     let run = board.run(&workspace().join("examples/jobs/smoke.yaml"));
@@ -358,7 +365,17 @@ fn the_console_can_be_reached_through_ser2net() {
     assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
     assert!(run
         .text("events.jsonl")
-        .contains(&format!("TCP serial server 127.0.0.1:{port}")));
+        .contains(&format!("{label} 127.0.0.1:{port}")));
     drop(server);
     assert!(!board.powered());
+}
+
+#[test]
+fn the_console_can_be_reached_through_ser2net_raw() {
+    through_ser2net(false);
+}
+
+#[test]
+fn the_console_can_be_reached_through_ser2net_telnet() {
+    through_ser2net(true);
 }

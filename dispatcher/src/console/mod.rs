@@ -1,6 +1,9 @@
 //! The board's console: opened from the device file (tty, TCP serial server
-//! or a command), every byte logged with its time, lines scanned for agent
-//! announcements and kernel panics, and the token written back.
+//! raw or telnet, or a command), every byte logged with its time, lines
+//! scanned for agent announcements and kernel panics, and the token written
+//! back.
+
+mod telnet;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -43,9 +46,13 @@ pub enum Signal {
 type Reader = Pin<Box<dyn AsyncRead + Send>>;
 type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
+/// The writing half, shared with the reader (which answers telnet options).
+type Shared = Arc<tokio::sync::Mutex<Writer>>;
+
 /// An open console.
 pub struct Console {
-    writer: Writer,
+    writer: Shared,
+    telnet: bool,
     lines: mpsc::UnboundedReceiver<Seen>,
     closed: Option<String>,
     _child: Option<tokio::process::Child>,
@@ -62,7 +69,7 @@ async fn open_once(
             let (r, w) = tokio::io::split(port);
             Ok((Box::pin(r), Box::pin(w), None))
         }
-        Spec::Tcp(addr) => {
+        Spec::Tcp(addr) | Spec::Telnet(addr) => {
             let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
             let (r, w) = s.into_split();
             Ok((Box::pin(r), Box::pin(w), None))
@@ -87,6 +94,7 @@ fn describe(spec: &Spec) -> String {
     match spec {
         Spec::Tty { path, baud } => format!("tty {} at {baud} baud", path.display()),
         Spec::Tcp(a) => format!("TCP serial server {a}"),
+        Spec::Telnet(a) => format!("telnet serial server {a}"),
         Spec::Command(c) => format!("console command `{c}`"),
     }
 }
@@ -120,9 +128,12 @@ impl Console {
             json!({ "message": format!("console open: {}", describe(spec)) }),
         );
         let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(read(reader, tx, events));
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let telnet = matches!(spec, Spec::Telnet(_));
+        tokio::spawn(read(reader, tx, events, telnet.then(|| writer.clone())));
         Ok(Console {
             writer,
+            telnet,
             lines,
             closed: None,
             _child: child,
@@ -135,10 +146,16 @@ impl Console {
     /// An infrastructure error when the console cannot be written in time.
     pub async fn send_token(&mut self, line: &TokenLine, timeout: Duration) -> Result<(), Failure> {
         // Lead with a newline so the token never joins a half-typed line.
-        let text = format!("\n{line}\n");
+        let text = format!("\n{line}\n").into_bytes();
+        let text = if self.telnet {
+            telnet::escape(&text)
+        } else {
+            text
+        };
         let write = async {
-            self.writer.write_all(text.as_bytes()).await?;
-            self.writer.flush().await
+            let mut w = self.writer.lock().await;
+            w.write_all(&text).await?;
+            w.flush().await
         };
         match tokio::time::timeout(timeout, write).await {
             Ok(Ok(())) => Ok(()),
@@ -204,8 +221,16 @@ const EVENT_PAUSE: Duration = Duration::from_millis(50);
 const EVENT_MAX: usize = 4096;
 
 /// Reads the console until it closes: log every byte, hand on whole lines.
-async fn read(mut reader: Reader, tx: mpsc::UnboundedSender<Seen>, events: Arc<EventLog>) {
-    let mut buf = vec![0u8; 4096];
+/// On a telnet connection, commands are stripped and answered through `telnet`.
+async fn read(
+    mut reader: Reader,
+    tx: mpsc::UnboundedSender<Seen>,
+    events: Arc<EventLog>,
+    telnet: Option<Shared>,
+) {
+    let mut decoder = telnet::Decoder::default();
+    let (mut data, mut reply) = (Vec::new(), Vec::new());
+    let mut raw = vec![0u8; 4096];
     let mut line: Vec<u8> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut since = SystemTime::now();
@@ -217,9 +242,9 @@ async fn read(mut reader: Reader, tx: mpsc::UnboundedSender<Seen>, events: Arc<E
     };
     loop {
         let read = if pending.is_empty() {
-            Ok(reader.read(&mut buf).await)
+            Ok(reader.read(&mut raw).await)
         } else {
-            tokio::time::timeout(EVENT_PAUSE, reader.read(&mut buf)).await
+            tokio::time::timeout(EVENT_PAUSE, reader.read(&mut raw)).await
         };
         let n = match read {
             Err(_) => {
@@ -232,8 +257,23 @@ async fn read(mut reader: Reader, tx: mpsc::UnboundedSender<Seen>, events: Arc<E
             Ok(Err(e)) => return closed(e.to_string(), &pending, since),
             Ok(Ok(n)) => n,
         };
+        let bytes = match &telnet {
+            None => &raw[..n],
+            Some(writer) => {
+                data.clear();
+                reply.clear();
+                decoder.feed(&raw[..n], &mut data, &mut reply);
+                if !reply.is_empty() {
+                    let mut w = writer.lock().await;
+                    // A failed answer shows up as a closed console on the next read.
+                    let _ = w.write_all(&reply).await;
+                    let _ = w.flush().await;
+                }
+                &data[..]
+            }
+        };
         let now = SystemTime::now();
-        for &b in &buf[..n] {
+        for &b in bytes {
             if pending.is_empty() {
                 since = now;
             }
