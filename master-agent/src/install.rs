@@ -200,10 +200,12 @@ pub fn bundle_version(bundle: &Path) -> Result<String, InstallError> {
 const SYSV_HOOK: &str = "etc/init.d/S99ferry-test-agent";
 const SYSV_SCRIPT: &str = r#"#!/bin/sh
 # Installed by ferry's master agent: runs the job's test plan, then reboots.
-# The simulated board sets FERRY_ROOT and FERRY_REBOOT; a real board uses the defaults.
+# The simulated board sets FERRY_ROOT, FERRY_REBOOT and an empty FERRY_KMSG
+# (the host's kernel log is not the board's); a real board uses the defaults.
 case "${1:-start}" in start) ;; *) exit 0 ;; esac
 root="${FERRY_ROOT:-/}"
-exec "$root/ferry/bin/test-agent" run --root "$root" --reboot "${FERRY_REBOOT:-system}"
+kmsg="${FERRY_KMSG-/dev/kmsg}"
+exec "$root/ferry/bin/test-agent" run --root "$root" --reboot "${FERRY_REBOOT:-system}" ${kmsg:+--kmsg "$kmsg"}
 "#;
 const SYSTEMD_UNIT: &str = "etc/systemd/system/ferry-test-agent.service";
 const SYSTEMD_WANTS: &str = "etc/systemd/system/multi-user.target.wants/ferry-test-agent.service";
@@ -213,7 +215,7 @@ After=local-fs.target
 
 [Service]
 Type=oneshot
-ExecStart=/ferry/bin/test-agent run --root / --reboot system
+ExecStart=/ferry/bin/test-agent run --root / --reboot system --kmsg /dev/kmsg
 StandardOutput=journal+console
 StandardError=journal+console
 

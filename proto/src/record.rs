@@ -104,6 +104,15 @@ pub enum Body {
         /// The message.
         message: String,
     },
+    /// A kernel log message (from `/dev/kmsg`) seen during the run.
+    Kernel {
+        /// Syslog level: 0 emergency .. 7 debug.
+        level: u8,
+        /// The kernel's own timestamp, microseconds since boot.
+        kernel_us: u64,
+        /// The message.
+        line: String,
+    },
     /// The test agent finished the plan and is about to reboot.
     AgentFinished {},
 }

@@ -303,6 +303,7 @@ fn test_os(layout: &Layout, part: &str, boot_id: &str) -> Command {
         .arg(r#"for s in "$FERRY_ROOT"/etc/init.d/S*; do [ -f "$s" ] && sh "$s" start; done; echo "[sim-board] test image init finished""#)
         .env("FERRY_ROOT", root)
         .env("FERRY_REBOOT", "exit")
+        .env("FERRY_KMSG", "")
         .env("FERRY_BOOT_ID", boot_id);
     cmd
 }

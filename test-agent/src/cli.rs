@@ -59,6 +59,9 @@ struct RunArgs {
     /// How to return to the master image.
     #[arg(long, value_enum)]
     reboot: RebootMode,
+    /// Kernel log to record (e.g. /dev/kmsg); none when absent.
+    #[arg(long)]
+    kmsg: Option<PathBuf>,
 }
 
 /// Entry point of the binary.
@@ -120,7 +123,7 @@ fn run(args: RunArgs) -> ExitCode {
         .to_string(),
     );
 
-    let code = match run_recorded(&root, &boot, &mirror) {
+    let code = match run_recorded(&root, &boot, &mirror, args.kmsg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             mirror.line(format!("[ferry] test-agent: {e}"));
@@ -151,12 +154,20 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-fn run_recorded(root: &Path, boot: &str, mirror: &Mirror) -> anyhow::Result<()> {
+fn run_recorded(
+    root: &Path,
+    boot: &str,
+    mirror: &Mirror,
+    kmsg: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let dir = root.join(RECORDS_DIR);
     std::fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     let records = dir.join(RECORDS_FILE);
     let mut log = RecordLog::open(&records, boot)?;
+    if let Some(kmsg) = kmsg {
+        crate::kernel::spawn(kmsg, records.clone(), boot.into());
+    }
     let plan_path = root.join(PLAN_FILE);
     let plan = std::fs::read(&plan_path)
         .map_err(anyhow::Error::from)

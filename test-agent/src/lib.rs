@@ -10,6 +10,7 @@
 pub mod bundle;
 pub mod cli;
 pub mod helpers;
+pub mod kernel;
 pub mod mirror;
 pub mod records;
 pub mod runner;
