@@ -139,7 +139,12 @@ impl Run {
             })
             .collect()
     }
-    /// Roles of the boots announced, in order, from `events.jsonl`.
+    /// Roles of the boots announced, in order ("master", "test"...).
+    pub fn boot_roles(&self) -> Vec<String> {
+        self.boots().into_iter().map(|b| b.0).collect()
+    }
+
+    /// Role and id of the boots announced, in order, from `events.jsonl`.
     pub fn boots(&self) -> Vec<(String, String)> {
         self.text("events.jsonl")
             .lines()

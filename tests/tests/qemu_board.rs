@@ -125,9 +125,13 @@ fn smoke_job_on_the_virtual_board() {
     run.expect_outcome("complete");
     // The same records as the simulated board's smoke job.
     assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
+    assert_eq!(
+        run.boot_roles(),
+        ["master", "test", "master"],
+        "{}",
+        run.dump()
+    );
     let boots = run.boots();
-    let roles: Vec<_> = boots.iter().map(|b| b.0.as_str()).collect();
-    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
     assert!(
         boots[0].1 != boots[2].1 && boots[1].1 != boots[0].1,
         "three distinct boots: {boots:?}"
@@ -192,8 +196,12 @@ test:
         "{}",
         run.dump()
     );
-    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
-    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
+    assert_eq!(
+        run.boot_roles(),
+        ["master", "test", "master"],
+        "{}",
+        run.dump()
+    );
     let events = run.text("events.jsonl");
     assert!(
         events.contains("\"action\":\"reset\""),
@@ -240,7 +248,11 @@ test:
         "{}",
         run.dump()
     );
-    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
-    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
+    assert_eq!(
+        run.boot_roles(),
+        ["master", "test", "master"],
+        "{}",
+        run.dump()
+    );
     assert!(!board.qemu_running(), "QEMU must be gone after the job");
 }

@@ -32,8 +32,12 @@ fn smoke_job_runs_end_to_end_with_exact_results() {
         "{junit}"
     );
 
-    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
-    assert_eq!(roles, ["master", "test", "master"], "{}", run.dump());
+    assert_eq!(
+        run.boot_roles(),
+        ["master", "test", "master"],
+        "{}",
+        run.dump()
+    );
 
     // The firmware image landed, decompressed, on its partition.
     let part = std::fs::read(board.board.join("parts/firmware")).expect("firmware partition");
@@ -155,8 +159,7 @@ test:
         "{}",
         run.dump()
     );
-    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
-    assert_eq!(roles, ["master", "test", "master"]);
+    assert_eq!(run.boot_roles(), ["master", "test", "master"]);
     assert!(run.text("console.log").contains("hard reset"));
     assert!(!board.powered());
 }
@@ -222,8 +225,11 @@ fn an_image_that_does_not_match_its_sha256_is_a_job_error_and_never_booted() {
         msg.contains(&"ab".repeat(32)) && msg.contains("55376c69c6e1"),
         "both hashes: {msg}"
     );
-    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
-    assert_eq!(roles, ["master"], "the test image must not be booted");
+    assert_eq!(
+        run.boot_roles(),
+        ["master"],
+        "the test image must not be booted"
+    );
     let part = std::fs::read(board.board.join("parts/firmware")).expect("partition");
     assert!(
         part[..1 << 20].iter().all(|b| *b == 0),
@@ -292,8 +298,7 @@ fn a_console_that_closes_mid_test_is_an_infrastructure_error() {
         "{}",
         run.dump()
     );
-    let roles: Vec<_> = run.boots().into_iter().map(|b| b.0).collect();
-    assert_eq!(roles, ["master", "test", "master"]);
+    assert_eq!(run.boot_roles(), ["master", "test", "master"]);
     assert!(!board.powered());
 }
 
