@@ -61,6 +61,7 @@ pub fn write(r: &Report) {
         "job": r.job,
         "device": r.device,
         "duration_seconds": seconds(r.started),
+        "dispatcher_peak_rss_kib": peak_rss_kib(),
         "boots": r.boots,
         "results": { "pass": counts.pass, "fail": counts.fail, "skip": counts.skip, "unknown": counts.unknown },
         "warnings": r.warnings,
@@ -71,6 +72,14 @@ pub fn write(r: &Report) {
     let _ = std::fs::write(r.out.join("summary.txt"), &summary);
     // A closed stdout (a scheduler that stopped reading) is not an error.
     let _ = std::io::stdout().write_all(summary.as_bytes());
+}
+
+/// The dispatcher's own peak resident memory (VmHWM), for capacity planning
+/// when many boards share a host.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn seconds(since: SystemTime) -> f64 {

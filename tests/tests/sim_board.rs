@@ -13,6 +13,13 @@ fn smoke_job_runs_end_to_end_with_exact_results() {
     let run = board.run(&workspace().join("examples/jobs/smoke.yaml"));
     run.expect_outcome("complete");
     assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
+    let rss = run.json("outcome.json")["dispatcher_peak_rss_kib"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        rss > 1024,
+        "the dispatcher reports its own peak memory: {rss} KiB"
+    );
     let measured = &run.json("results.json")[2];
     assert_eq!(measured["measurement"], 0.1);
     assert_eq!(measured["units"], "seconds");
