@@ -134,6 +134,17 @@ fn on(layout: &Layout, agents: Option<PathBuf>, timeout: Duration) -> anyhow::Re
     Ok(())
 }
 
+/// Whether `pid` is a live process. The supervisor is nobody's child once
+/// `on` has returned, so after it exits it may linger as a zombie until its
+/// new parent reaps it: that counts as gone.
+fn running_process(pid: Pid) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, None | Some('Z') | Some('X'))
+}
+
 fn read_pid(path: &Path) -> Option<Pid> {
     std::fs::read_to_string(path)
         .ok()?
@@ -148,7 +159,7 @@ fn off(layout: &Layout, timeout: Duration) -> anyhow::Result<()> {
         // The supervisor stopped its OS; wait for it to exit.
         if let Some(pid) = read_pid(&layout.pid_file()) {
             let deadline = Instant::now() + timeout;
-            while kill(pid, None).is_ok() && Instant::now() < deadline {
+            while running_process(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
