@@ -142,7 +142,7 @@ fn run(args: RunArgs) -> ExitCode {
             use nix::mount::{mount, MsFlags};
             let _ = mount(
                 None::<&str>,
-                "/",
+                &root,
                 None::<&str>,
                 MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
                 None::<&str>,
