@@ -53,10 +53,6 @@ fn with_deadline<T>(msg: T, timeout: Duration) -> Request<T> {
     r
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Session {
     /// Connects to the agent at `addr` with `token`.
     ///
@@ -157,13 +153,13 @@ impl Session {
                 .await
                 .is_err()
             {
-                return Ok(hex(&hasher.finalize()));
+                return Ok(ferry_proto::hex(&hasher.finalize()));
             }
             loop {
                 let mut buf = vec![0u8; CHUNK];
                 let n = file.read(&mut buf).await?;
                 if n == 0 {
-                    return Ok::<_, std::io::Error>(hex(&hasher.finalize()));
+                    return Ok::<_, std::io::Error>(ferry_proto::hex(&hasher.finalize()));
                 }
                 buf.truncate(n);
                 hasher.update(&buf);

@@ -181,10 +181,6 @@ fn valid_var(s: &str) -> bool {
         && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 /// Adds `map`'s entries to `params`, replacing same-named ones in place.
 fn merge_params(params: &mut Vec<Param>, map: &Mapping, origin: &str) -> Result<(), Failure> {
     for (k, v) in map {
@@ -256,7 +252,7 @@ impl Job {
                     ))))
                 }
             }
-            if !is_sha256(&d.sha256) {
+            if !ferry_proto::is_sha256(&d.sha256) {
                 return Err(Failure::job(at(format!(
                     "deploy[{i}].sha256: {:?} is not 64 hex digits",
                     d.sha256

@@ -125,10 +125,6 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Writes the image read from `source` to `target` and verifies it.
 ///
 /// # Errors
@@ -188,7 +184,7 @@ pub fn write_image(
                 source,
             })?;
         let received = input.get_ref().count;
-        let actual = hex(&input.get_ref().hasher.clone().finalize());
+        let actual = ferry_proto::hex(&input.get_ref().hasher.clone().finalize());
         if !actual.eq_ignore_ascii_case(&spec.sha256) {
             return Err(DeployError::Checksum {
                 partition: spec.partition.clone(),
@@ -292,7 +288,7 @@ mod tests {
     use std::io::Cursor;
 
     fn sha(data: &[u8]) -> String {
-        hex(&Sha256::digest(data))
+        ferry_proto::hex(&Sha256::digest(data))
     }
 
     fn gz(data: &[u8]) -> Vec<u8> {

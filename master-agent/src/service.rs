@@ -70,10 +70,6 @@ fn compression(c: i32) -> Compression {
     }
 }
 
-fn is_sha256(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ResultsChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -122,7 +118,7 @@ impl MasterAgent for Service {
                 "the first Deploy message must be a header",
             ));
         };
-        if !is_sha256(&h.sha256) {
+        if !ferry_proto::is_sha256(&h.sha256) {
             return Err(Status::invalid_argument(format!(
                 "sha256 {:?} is not 64 hex digits",
                 h.sha256

@@ -77,7 +77,7 @@ pub enum LineError {
 
 fn checksum(body: &str) -> String {
     let digest = Sha256::digest(body.as_bytes());
-    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&digest[..4])
 }
 
 /// Appends ` sum=<checksum>` to a line body.

@@ -32,6 +32,17 @@ pub mod plan {
     }
 }
 
+/// Lowercase hex of `bytes`: how digests travel in the contract
+/// (`DeployHeader.sha256`, the console lines' checksum).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `s` is a sha256 as the contract spells it: 64 hex digits.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The gRPC metadata key that carries the console-issued token.
 pub const AUTH_METADATA_KEY: &str = "authorization";
 
