@@ -138,11 +138,9 @@ fn on(layout: &Layout, agents: Option<PathBuf>, timeout: Duration) -> anyhow::Re
 /// `on` has returned, so after it exits it may linger as a zombie until its
 /// new parent reaps it: that counts as gone.
 fn running_process(pid: Pid) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit_once(") ")
-        .and_then(|(_, rest)| rest.chars().next());
-    !matches!(state, None | Some('Z') | Some('X'))
+    // Field 3 of /proc/PID/stat is the state.
+    let state = supervisor::stat_field(pid, 3);
+    !matches!(state.as_deref(), None | Some("Z") | Some("X"))
 }
 
 fn read_pid(path: &Path) -> Option<Pid> {

@@ -253,19 +253,19 @@ pub fn session_members(sid: Pid) -> Vec<Pid> {
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
         .map(Pid::from_raw)
         .filter(|pid| *pid != me)
-        .filter(|pid| {
-            // Field 6 of /proc/PID/stat, counted after the parenthesised command name.
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| stat.rsplit_once(") ").map(|(_, rest)| rest.to_string()))
-                .and_then(|rest| {
-                    rest.split_whitespace()
-                        .nth(3)
-                        .and_then(|s| s.parse::<i32>().ok())
-                })
-                == Some(sid.as_raw())
-        })
+        // Field 6 of /proc/PID/stat is the session id.
+        .filter(|pid| stat_field(*pid, 6).and_then(|s| s.parse::<i32>().ok()) == Some(sid.as_raw()))
         .collect()
+}
+
+/// Field `n` (1-based, as proc(5) numbers them; n >= 3) of `/proc/PID/stat`.
+/// Counted after the parenthesised command name, which may hold spaces.
+pub fn stat_field(pid: Pid, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace()
+        .nth(n.checked_sub(3)?)
+        .map(str::to_string)
 }
 
 fn wait_in_thread(mut child: Child, boot: u64, events: Sender<Event>) {
