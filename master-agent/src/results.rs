@@ -51,19 +51,12 @@ pub fn for_each_chunk(
     names.sort();
     for name in names {
         let mut file = dir.open(&name).map_err(err(&name))?;
-        let mut sent_any = false;
         loop {
             let mut buf = vec![0u8; CHUNK];
             let n = file.read(&mut buf).map_err(err(&name))?;
             buf.truncate(n);
+            // End of file: an empty chunk marks the file complete.
             let last = n == 0;
-            if last && sent_any {
-                if !each(&name, Vec::new(), true) {
-                    return Ok(());
-                }
-                break;
-            }
-            sent_any = true;
             if !each(&name, buf, last) {
                 return Ok(());
             }
