@@ -64,6 +64,14 @@ pub fn smoke_job_results() -> Vec<Row> {
     rows
 }
 
+/// A TCP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// What a dispatcher run left behind.
 pub struct Run {
     /// The process output (stdout is the summary).

@@ -4,7 +4,7 @@
 //! `images/build`. Set FERRY_SKIP_QEMU=1 to skip these on a machine without them.
 
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ferry_tests::{
     dispatch, processes_mentioning, r, smoke_cases, smoke_job_results, workspace, Run,
@@ -14,12 +14,14 @@ use ferry_tests::{
 static BOARD: Mutex<()> = Mutex::new(());
 static IMAGES: OnceLock<Result<(), String>> = OnceLock::new();
 
-fn skip() -> bool {
+/// The turn to use a virtual board (one at a time), or `None` when
+/// FERRY_SKIP_QEMU asks to skip these tests.
+fn board_turn() -> Option<MutexGuard<'static, ()>> {
     if std::env::var_os("FERRY_SKIP_QEMU").is_some() {
         eprintln!("FERRY_SKIP_QEMU is set: skipping the virtual board test");
-        return true;
+        return None;
     }
-    false
+    Some(BOARD.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 fn images() {
@@ -116,10 +118,7 @@ impl Drop for QemuBoard {
 
 #[test]
 fn smoke_job_on_the_virtual_board() {
-    if skip() {
-        return;
-    }
-    let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_turn) = board_turn() else { return };
     let board = QemuBoard::new("smoke");
     let run = board.run(&workspace().join("examples/jobs/qemu-smoke.yaml"));
     run.expect_outcome("complete");
@@ -154,14 +153,8 @@ fn smoke_job_on_the_virtual_board() {
 
 #[test]
 fn a_hung_test_image_is_hard_reset_back_to_the_master_image() {
-    if skip() {
-        return;
-    }
-    let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let Some(_turn) = board_turn() else { return };
+    let port = ferry_tests::free_port();
     let board = QemuBoard::with_console("hang", Some(port));
     let job = board.job(
         "hang",
@@ -216,10 +209,7 @@ test:
 
 #[test]
 fn a_kernel_panic_in_the_test_image_is_a_test_error_and_results_are_kept() {
-    if skip() {
-        return;
-    }
-    let _one = BOARD.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_turn) = board_turn() else { return };
     let board = QemuBoard::new("panic");
     let job = board.job(
         "panic",

@@ -316,10 +316,7 @@ struct Ser2net(std::process::Child);
 impl Ser2net {
     /// Serves `tty` on a free loopback port, raw or with telnet.
     fn start(dir: &std::path::Path, tty: &std::path::Path, telnet: bool) -> (Self, u16) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = ferry_tests::free_port();
         let config = dir.join("ser2net.yaml");
         std::fs::write(
             &config,
