@@ -230,15 +230,6 @@ impl Agent {
         blocking(move || Ok(p.partitions()?)).await
     }
 
-    /// The bundled test agent's version.
-    ///
-    /// # Errors
-    /// When the bundle cannot be read.
-    pub async fn bundle_version(&self) -> Result<String, AgentError> {
-        let bundle = self.config.test_agent_bundle.clone();
-        blocking(move || Ok(install::bundle_version(&bundle)?)).await
-    }
-
     /// Writes an image arriving on `chunks` to its partition.
     ///
     /// # Errors

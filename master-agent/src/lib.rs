@@ -123,14 +123,20 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
 
     let auth = Arc::new(Auth::default());
     console::read_tokens(reader, boot_id.clone(), auth.clone(), console.clone());
-    match install::bundle_version(&config.test_agent_bundle) {
-        Ok(v) if v == VERSION => {}
-        Ok(v) => console::say(
-            &console,
-            &format!("[ferry] master-agent: WARNING bundled test agent is {v}, not {VERSION}"),
-        ),
-        Err(e) => console::say(&console, &format!("[ferry] master-agent: WARNING {e}")),
-    }
+    let bundle_version = match install::bundle_version(&config.test_agent_bundle) {
+        Ok(v) if v == VERSION => v,
+        Ok(v) => {
+            console::say(
+                &console,
+                &format!("[ferry] master-agent: WARNING bundled test agent is {v}, not {VERSION}"),
+            );
+            v
+        }
+        Err(e) => {
+            console::say(&console, &format!("[ferry] master-agent: WARNING {e}"));
+            format!("unavailable: {e}")
+        }
+    };
 
     let announce_config = config.clone();
     let boot = boot_id.clone();
@@ -154,7 +160,7 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
     let agent = Arc::new(Agent::new(platform(&config), config, boot_id, console));
     let check = auth.clone();
     let service = MasterAgentServer::with_interceptor(
-        Service::new(agent, idle),
+        Service::new(agent, idle, bundle_version),
         move |req: tonic::Request<()>| {
             check.check(req.metadata())?;
             Ok(req)

@@ -53,12 +53,19 @@ impl From<AgentError> for Status {
 pub struct Service {
     agent: Arc<Agent>,
     idle: Duration,
+    bundle_version: String,
 }
 
 impl Service {
     /// Serves `agent`; a deploy stream idle for `idle` is abandoned.
-    pub fn new(agent: Arc<Agent>, idle: Duration) -> Self {
-        Service { agent, idle }
+    /// `bundle_version` is what the bundled test agent's tarball says, read
+    /// once at start (it cannot change while the master image runs).
+    pub fn new(agent: Arc<Agent>, idle: Duration, bundle_version: String) -> Self {
+        Service {
+            agent,
+            idle,
+            bundle_version,
+        }
     }
 }
 
@@ -79,11 +86,6 @@ impl MasterAgent for Service {
         _req: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::AgentInfo>, Status> {
         let partitions = self.agent.partitions().await?;
-        let test_agent_version = self
-            .agent
-            .bundle_version()
-            .await
-            .unwrap_or_else(|e| format!("unavailable: {e}"));
         Ok(Response::new(pb::AgentInfo {
             version: crate::VERSION.into(),
             boot_id: self.agent.boot_id().into(),
@@ -97,7 +99,7 @@ impl MasterAgent for Service {
                     mountable: p.mountable,
                 })
                 .collect(),
-            test_agent_version,
+            test_agent_version: self.bundle_version.clone(),
             state: self.agent.phase().name().into(),
         }))
     }
