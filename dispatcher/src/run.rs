@@ -110,7 +110,38 @@ fn new_token() -> String {
     )
 }
 
-/// Waits for a master announcement from a boot other than `not`.
+/// Why waiting for the master agent stopped without it.
+enum Interrupted {
+    Panic(String),
+    Closed(String),
+    Timeout,
+}
+
+/// Waits until `deadline` for a master announcement from a boot other than
+/// `not`, noting every boot announced on the way (a test boot included).
+async fn next_master(
+    ctx: &Ctx,
+    console: &mut Console,
+    not: Option<&str>,
+    deadline: tokio::time::Instant,
+) -> Result<Announcement, Interrupted> {
+    loop {
+        match console.next_signal(deadline, &ctx.events).await {
+            Signal::Announce(a) if a.role == Role::Test => ctx.saw(&a),
+            Signal::Announce(a) if Some(a.boot.as_str()) != not => {
+                ctx.saw(&a);
+                return Ok(a);
+            }
+            Signal::Announce(_) => {} // the previous boot, still repeating itself
+            Signal::Panic(line) => return Err(Interrupted::Panic(line)),
+            Signal::Closed(why) => return Err(Interrupted::Closed(why)),
+            Signal::Timeout => return Err(Interrupted::Timeout),
+        }
+    }
+}
+
+/// Waits for the master agent of a new boot while the board is the lab's
+/// responsibility: anything in the way is an infrastructure error.
 async fn wait_master(
     ctx: &Ctx,
     console: &mut Console,
@@ -118,34 +149,19 @@ async fn wait_master(
     timeout: Duration,
 ) -> Result<Announcement, Failure> {
     let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match console.next_signal(deadline, &ctx.events).await {
-            Signal::Announce(a) => {
-                if a.role == Role::Master && Some(a.boot.as_str()) != not {
-                    ctx.saw(&a);
-                    return Ok(a);
-                }
-                if a.role == Role::Test {
-                    ctx.saw(&a);
-                }
-            }
-            Signal::Panic(line) => {
-                return Err(Failure::infra(format!(
-                    "kernel panic while booting the master image: {line}"
-                )))
-            }
-            Signal::Closed(why) => {
-                return Err(Failure::infra(format!(
-                    "console closed while waiting for the master agent: {why}"
-                )))
-            }
-            Signal::Timeout => {
-                return Err(Failure::infra(format!(
-                    "the master agent did not announce itself within {timeout:?}"
-                )))
-            }
-        }
-    }
+    next_master(ctx, console, not, deadline)
+        .await
+        .map_err(|why| match why {
+            Interrupted::Panic(line) => Failure::infra(format!(
+                "kernel panic while booting the master image: {line}"
+            )),
+            Interrupted::Closed(why) => Failure::infra(format!(
+                "console closed while waiting for the master agent: {why}"
+            )),
+            Interrupted::Timeout => Failure::infra(format!(
+                "the master agent did not announce itself within {timeout:?}"
+            )),
+        })
 }
 
 /// Hands the boot its token and opens an authenticated session.
@@ -249,46 +265,42 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
 
     ctx.set_phase(Phase::Test);
     let deadline = tokio::time::Instant::now() + ctx.job.timeouts.test;
-    let mut test_boot: Option<String> = None;
     // What went wrong in the test boot, found before the results are fetched.
-    let (back, mut problem) = loop {
-        match console.next_signal(deadline, &ctx.events).await {
-            Signal::Announce(a) if a.role == Role::Test => {
-                ctx.saw(&a);
-                test_boot = Some(a.boot);
-            }
-            Signal::Announce(a) if a.boot != master.boot => {
-                ctx.saw(&a);
-                break (a, None);
-            }
-            Signal::Announce(_) => {}
-            Signal::Panic(line) => {
-                let why = format!("kernel panic in the test image: {line}");
-                break (
-                    recover(ctx, &mut console, &master.boot, &why).await?,
-                    Some(Failure::test(why)),
-                );
-            }
-            Signal::Timeout => {
-                let why = format!(
-                    "the test image did not return within the test timeout ({:?}); the board was hard reset",
-                    ctx.job.timeouts.test
-                );
-                break (
-                    recover(ctx, &mut console, &master.boot, &why).await?,
-                    Some(Failure::test(why)),
-                );
-            }
-            Signal::Closed(reason) => {
-                let why = format!("console closed during the test ({reason}); the board was hard reset to fetch the results");
-                break (
-                    recover(ctx, &mut console, &master.boot, &why).await?,
-                    Some(Failure::infra(why)),
-                );
-            }
+    let (back, mut problem) = match next_master(ctx, &mut console, Some(&master.boot), deadline)
+        .await
+    {
+        Ok(back) => (back, None),
+        Err(Interrupted::Panic(line)) => {
+            let why = format!("kernel panic in the test image: {line}");
+            (
+                recover(ctx, &mut console, &master.boot, &why).await?,
+                Some(Failure::test(why)),
+            )
+        }
+        Err(Interrupted::Timeout) => {
+            let why = format!(
+                "the test image did not return within the test timeout ({:?}); the board was hard reset",
+                ctx.job.timeouts.test
+            );
+            (
+                recover(ctx, &mut console, &master.boot, &why).await?,
+                Some(Failure::test(why)),
+            )
+        }
+        Err(Interrupted::Closed(reason)) => {
+            let why = format!(
+                "console closed during the test ({reason}); the board was hard reset to fetch the results"
+            );
+            (
+                recover(ctx, &mut console, &master.boot, &why).await?,
+                Some(Failure::infra(why)),
+            )
         }
     };
-    if test_boot.is_none() && problem.is_none() {
+    let test_booted = ctx
+        .progress(|s| s.boots.iter().any(|b| b.role == Role::Test.as_str()))
+        .unwrap_or(false);
+    if !test_booted && problem.is_none() {
         problem = Some(Failure::test(
             "the board came back to its master image without the test agent ever announcing itself",
         ));
