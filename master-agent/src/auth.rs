@@ -1,4 +1,4 @@
-//! Who may drive the board: whoever wrote this boot's token on the console.
+//! Who may drive the board: whoever wrote this boot's first token on the console.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
@@ -16,16 +16,38 @@ pub struct Auth {
     notify: Notify,
 }
 
+/// What became of a token line for this boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenUse {
+    /// The boot's first token: calls must carry it from now on.
+    Accepted,
+    /// The token this boot already has, sent again (the dispatcher repeats
+    /// its line until it authenticates): nothing changes.
+    Repeated,
+    /// A different token after the first: ignored, so nobody who can print
+    /// a line on the console later can lock out or replace the dispatcher
+    /// that holds this boot.
+    Ignored,
+}
+
 /// Compares without an early exit, so timing does not leak the token.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Auth {
-    /// Accepts a token seen on the console (the latest one wins).
-    pub fn set_token(&self, token: String) {
-        if let Ok(mut t) = self.token.write() {
-            *t = Some(token);
+    /// Offers a token seen on the console: the first one of the boot stays.
+    pub fn set_token(&self, token: String) -> TokenUse {
+        let Ok(mut t) = self.token.write() else {
+            return TokenUse::Ignored;
+        };
+        match t.as_deref() {
+            None => {
+                *t = Some(token);
+                TokenUse::Accepted
+            }
+            Some(have) if same(have.as_bytes(), token.as_bytes()) => TokenUse::Repeated,
+            Some(_) => TokenUse::Ignored,
         }
     }
 
@@ -88,12 +110,26 @@ mod tests {
             a.check(&meta("Bearer x")).expect_err("none").code(),
             tonic::Code::Unauthenticated
         );
-        a.set_token("secret".into());
+        assert_eq!(a.set_token("secret".into()), TokenUse::Accepted);
         assert!(a.check(&MetadataMap::new()).is_err());
         assert!(a.check(&meta("Bearer secreT")).is_err());
         assert!(a.check(&meta("secret")).is_err());
         assert!(!a.answered());
         a.check(&meta("Bearer secret")).expect("ok");
         assert!(a.answered());
+    }
+
+    #[test]
+    fn the_first_token_of_a_boot_stays() {
+        let a = Auth::default();
+        assert_eq!(a.set_token("first".into()), TokenUse::Accepted);
+        a.check(&meta("Bearer first")).expect("in use");
+        assert_eq!(a.set_token("first".into()), TokenUse::Repeated);
+        assert_eq!(a.set_token("second".into()), TokenUse::Ignored);
+        a.check(&meta("Bearer first")).expect("still the first");
+        assert_eq!(
+            a.check(&meta("Bearer second")).expect_err("later").code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

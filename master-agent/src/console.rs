@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferry_proto::console::{Announcement, TokenLine};
 use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
 
-use crate::auth::Auth;
+use crate::auth::{Auth, TokenUse};
 
 /// The writable half of the console, shared by everything that prints.
 pub type ConsoleWriter = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -70,13 +70,20 @@ pub fn read_tokens(
             }
             let line = String::from_utf8_lossy(&buf);
             match TokenLine::find(&line) {
-                Some(Ok(t)) if t.boot == boot => {
-                    auth.set_token(t.token);
-                    say(
+                Some(Ok(t)) if t.boot == boot => match auth.set_token(t.token) {
+                    TokenUse::Accepted => say(
                         &console,
                         &format!("[ferry] master-agent: token accepted for boot {boot}"),
-                    );
-                }
+                    ),
+                    TokenUse::Repeated => tracing::debug!("the same token again for boot {boot}"),
+                    TokenUse::Ignored => {
+                        tracing::warn!("ignoring a different token line for boot {boot}");
+                        say(
+                            &console,
+                            &format!("[ferry] master-agent: ignoring a different token for boot {boot}: this boot keeps its first token"),
+                        );
+                    }
+                },
                 Some(Ok(t)) => tracing::debug!("ignoring a token for boot {}", t.boot),
                 Some(Err(e)) => say(
                     &console,

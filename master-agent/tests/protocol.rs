@@ -233,3 +233,27 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
         e.message()
     );
 }
+
+#[tokio::test]
+async fn a_later_different_token_line_does_not_replace_the_one_in_use() {
+    let mut agent = Agent::start();
+    agent.send_token("boot-1", "first");
+    agent.wait_for("token accepted");
+    let mut c = agent.client().await;
+    c.get_info(authed(pb::GetInfoRequest {}, "first"))
+        .await
+        .expect("first token in use");
+
+    // The dispatcher repeating its line is harmless; someone else's is ignored.
+    agent.send_token("boot-1", "first");
+    agent.send_token("boot-1", "second");
+    agent.wait_for("ignoring a different token");
+    let e = c
+        .get_info(authed(pb::GetInfoRequest {}, "second"))
+        .await
+        .expect_err("later token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    c.get_info(authed(pb::GetInfoRequest {}, "first"))
+        .await
+        .expect("the first token still works");
+}
