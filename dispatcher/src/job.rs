@@ -168,10 +168,11 @@ fn scalar(v: &Value) -> Option<String> {
     }
 }
 
+/// Job and suite names travel to the board and become paths there: the
+/// master agent refuses anything outside the wire charset, so refuse it here
+/// first, before the board is touched.
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    ferry_proto::names::check(s).is_ok()
 }
 
 fn valid_var(s: &str) -> bool {
@@ -221,8 +222,9 @@ impl Job {
         let at = |key: String| format!("job file {}: {key}", path.display());
         if !valid_name(&file.job) {
             return Err(Failure::job(at(format!(
-                "job: {:?} must match [-_a-zA-Z0-9.]+",
-                file.job
+                "job: {:?} must match {}",
+                file.job,
+                ferry_proto::names::CHARSET
             ))));
         }
         let mut deploy = Vec::new();
@@ -301,7 +303,8 @@ impl Job {
             let name = r.name.unwrap_or_else(|| def.metadata.name.clone());
             if !valid_name(&name) {
                 return Err(Failure::job(format!(
-                    "{origin}: name {name:?} must match [-_a-zA-Z0-9.]+"
+                    "{origin}: name {name:?} must match {}",
+                    ferry_proto::names::CHARSET
                 )));
             }
             if definitions.iter().any(|d| d.name == name) {

@@ -9,6 +9,8 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
+use ferry_proto::plan::v1::TestPlan;
+use prost::Message;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -52,6 +54,22 @@ pub enum AgentError {
     /// The partition is in use by another call.
     #[error("partition {0:?} is busy with another call")]
     Busy(String),
+    /// A name from the network outside the wire charset.
+    #[error("{what} name refused: {source}")]
+    BadName {
+        /// What kind of name ("partition", "suite").
+        what: &'static str,
+        /// Why.
+        source: ferry_proto::names::NameError,
+    },
+    /// The partition is not one this board lets jobs use.
+    #[error("partition {partition:?} {why}")]
+    NotAllowed {
+        /// The partition.
+        partition: String,
+        /// Why, naming the config key.
+        why: String,
+    },
     /// From the platform.
     #[error(transparent)]
     Platform(#[from] PlatformError),
@@ -201,8 +219,35 @@ impl Agent {
         f(&mut s)
     }
 
-    /// Claims `partition` if the phase allows `what`.
+    /// Refuses a partition name a job may not use on this board: outside
+    /// the charset, never writable, or not in `allowed_partitions`. Checked
+    /// before the platform is asked anything about it.
+    fn allowed(&self, partition: &str) -> Result<(), AgentError> {
+        ferry_proto::names::check(partition).map_err(|source| AgentError::BadName {
+            what: "partition",
+            source,
+        })?;
+        let refuse = |why: String| {
+            Err(AgentError::NotAllowed {
+                partition: partition.into(),
+                why,
+            })
+        };
+        if let Some(why) = self.config.protected(partition) {
+            return refuse(format!("is never written for a job: {why}"));
+        }
+        if !self.config.allowed_partitions.iter().any(|p| p == partition) {
+            return refuse(format!(
+                "is not in this board's `allowed_partitions` (master agent config): {:?}",
+                self.config.allowed_partitions
+            ));
+        }
+        Ok(())
+    }
+
+    /// Claims `partition` if it is allowed and the phase allows `what`.
     fn claim(&self, partition: &str, what: &str) -> Result<Claim<'_>, AgentError> {
+        self.allowed(partition)?;
         self.with_state(|s| {
             if matches!(s.phase, Phase::BootSelected(_) | Phase::Rebooting) {
                 return Err(AgentError::Precondition(format!(
@@ -221,13 +266,16 @@ impl Agent {
         })
     }
 
-    /// The partitions a job may name.
+    /// The partitions a job may name: those of `allowed_partitions` the
+    /// board has.
     ///
     /// # Errors
     /// When they cannot be listed.
     pub async fn partitions(&self) -> Result<Vec<PartitionInfo>, AgentError> {
         let p = self.platform.clone();
-        blocking(move || Ok(p.partitions()?)).await
+        let mut all = blocking(move || Ok(p.partitions()?)).await?;
+        all.retain(|p| self.config.allowed_partitions.contains(&p.name));
+        Ok(all)
     }
 
     /// Writes an image arriving on `chunks` to its partition.
@@ -265,11 +313,17 @@ impl Agent {
         Ok(written)
     }
 
-    /// Installs the test agent and `plan` (encoded `TestPlan`) on `partition`.
+    /// Installs the test agent and `plan` on `partition`.
     ///
     /// # Errors
-    /// Phase, busy partition, mount or install errors.
-    pub async fn install(&self, partition: String, plan: Vec<u8>) -> Result<Installed, AgentError> {
+    /// Phase, busy partition, a suite name outside the charset (the test
+    /// agent makes paths of them), mount or install errors.
+    pub async fn install(&self, partition: String, plan: &TestPlan) -> Result<Installed, AgentError> {
+        for d in &plan.definitions {
+            ferry_proto::names::check(&d.name)
+                .map_err(|source| AgentError::BadName { what: "suite", source })?;
+        }
+        let plan = plan.encode_to_vec();
         let _claim = self.claim(&partition, "install the test agent")?;
         let platform = self.platform.clone();
         let bundle = self.config.test_agent_bundle.clone();
@@ -294,6 +348,7 @@ impl Agent {
     /// # Errors
     /// Unless the test agent was installed on that partition first.
     pub async fn set_boot_once(&self, partition: String) -> Result<(), AgentError> {
+        self.allowed(&partition)?;
         self.with_state(|s| match &s.phase {
             Phase::Installed(p) if *p == partition => Ok(()),
             other => Err(AgentError::Precondition(format!(
@@ -420,7 +475,7 @@ mod tests {
             ]
             .into(),
         };
-        let text = "test_agent_bundle: none\nplatform: {linux: {}}\n";
+        let text = "test_agent_bundle: none\nallowed_partitions: [testrootfs]\nplatform: {linux: {}}\n";
         let mut config = Config::parse(text, dir).expect("config");
         config.platform = PlatformConfig::Sim(sim.clone());
         config.boot_once_command = hook;

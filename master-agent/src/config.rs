@@ -36,7 +36,16 @@ pub struct Config {
     pub console: Option<PathBuf>,
     /// The bundled test-agent tarball.
     pub test_agent_bundle: PathBuf,
-    /// The partition holding the boot-once flag.
+    /// The partitions a job may name (Deploy, InstallTestAgent,
+    /// SetBootOnce, FetchResults); every other name is refused. The device
+    /// file's list is the dispatcher's view; this is the board's own word.
+    pub allowed_partitions: Vec<String>,
+    /// The partitions this master image boots from (its kernel, rootfs,
+    /// firmware): never written for a job, and refused in
+    /// `allowed_partitions`.
+    #[serde(default)]
+    pub boot_partitions: Vec<String>,
+    /// The partition holding the boot-once flag (never written for a job).
     #[serde(default = "default_boot_flag")]
     pub boot_flag_partition: String,
     /// Instead of writing the flag: a shell command that selects the
@@ -92,23 +101,76 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// Bad YAML or unknown key (the message carries line and column).
+    /// Bad YAML, unknown key or a refused value.
     #[error("{path}: {source}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// Why, with line and column.
-        source: serde_norway::Error,
+        /// Why.
+        source: ParseError,
     },
+}
+
+/// Why a configuration text was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// Bad YAML or unknown key (the message carries line and column).
+    #[error(transparent)]
+    Yaml(#[from] serde_norway::Error),
+    /// A key whose value would be unsafe.
+    #[error("key `{key}`: {why}")]
+    Key {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+impl Config {
+    /// Why partition `name` is never written for a job, if it is not.
+    pub fn protected(&self, name: &str) -> Option<&'static str> {
+        if name == self.boot_flag_partition {
+            Some("it holds the boot selection (`boot_flag_partition`)")
+        } else if self.boot_partitions.iter().any(|p| p == name) {
+            Some("the master image boots from it (`boot_partitions`)")
+        } else {
+            None
+        }
+    }
+
+    /// Refuses names outside the wire charset and an allowlist that
+    /// includes what the master image itself needs.
+    fn check(&self) -> Result<(), ParseError> {
+        let names = std::iter::once(("boot_flag_partition", &self.boot_flag_partition))
+            .chain(self.boot_partitions.iter().map(|p| ("boot_partitions", p)))
+            .chain(self.allowed_partitions.iter().map(|p| ("allowed_partitions", p)));
+        for (key, name) in names {
+            ferry_proto::names::check(name).map_err(|e| ParseError::Key {
+                key,
+                why: e.to_string(),
+            })?;
+        }
+        for name in &self.allowed_partitions {
+            if let Some(why) = self.protected(name) {
+                return Err(ParseError::Key {
+                    key: "allowed_partitions",
+                    why: format!("partition {name:?} can never be written for a job: {why}"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Config {
     /// Parses a configuration; relative paths are taken from `base`.
     ///
     /// # Errors
-    /// Bad YAML or unknown keys.
-    pub fn parse(text: &str, base: &Path) -> Result<Self, serde_norway::Error> {
+    /// Bad YAML, unknown keys, or a boot partition in the allowlist.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ParseError> {
         let mut c: Config = serde_norway::from_str(text)?;
+        c.check()?;
         c.test_agent_bundle = base.join(&c.test_agent_bundle);
         if let PlatformConfig::Sim(sim) = &mut c.platform {
             for p in sim.partitions.values_mut() {
@@ -144,7 +206,7 @@ mod tests {
     #[test]
     fn linux_defaults() {
         let c = Config::parse(
-            "test_agent_bundle: /usr/share/ferry/test-agent.tar.gz\nplatform: {linux: {}}\n",
+            "test_agent_bundle: /usr/share/ferry/test-agent.tar.gz\nallowed_partitions: [testrootfs]\nplatform: {linux: {}}\n",
             Path::new("/"),
         )
         .expect("parse");
@@ -156,7 +218,7 @@ mod tests {
     #[test]
     fn sim_paths_are_relative_to_the_file() {
         let c = Config::parse(
-            "test_agent_bundle: b.tgz\nannounce_interval: 500ms\nplatform:\n  sim:\n    partitions:\n      testrootfs: {dir: parts/root}\n",
+            "test_agent_bundle: b.tgz\nallowed_partitions: [testrootfs]\nannounce_interval: 500ms\nplatform:\n  sim:\n    partitions:\n      testrootfs: {dir: parts/root}\n",
             Path::new("/board"),
         )
         .expect("parse");
@@ -173,7 +235,7 @@ mod tests {
     #[test]
     fn unknown_keys_are_named_with_their_line() {
         let err = Config::parse(
-            "test_agent_bundle: b\nplatform: {linux: {}}\nlisten_port: 1\n",
+            "test_agent_bundle: b\nplatform: {linux: {}}\nlisten_port: 1\nallowed_partitions: []\n",
             Path::new("/"),
         )
         .expect_err("unknown");
@@ -182,5 +244,50 @@ mod tests {
             msg.contains("listen_port") && msg.contains("line 3"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn boot_partitions_can_never_be_allowed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for (extra, allowed, named) in [
+            ("", "[testrootfs, bootsel]", "bootsel"),
+            ("boot_flag_partition: sel\n", "[sel]", "sel"),
+            ("boot_partitions: [rootfs-a, kernel]\n", "[testrootfs, kernel]", "kernel"),
+        ] {
+            let path = dir.path().join("agent.yaml");
+            std::fs::write(
+                &path,
+                format!("test_agent_bundle: b\n{extra}allowed_partitions: {allowed}\nplatform: {{linux: {{}}}}\n"),
+            )
+            .expect("write");
+            let msg = Config::load(&path).expect_err(named).to_string();
+            assert!(
+                msg.starts_with(&path.display().to_string())
+                    && msg.contains("key `allowed_partitions`")
+                    && msg.contains(&format!("{named:?}")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_allowlist_is_required_and_its_names_plain() {
+        let e = Config::parse("test_agent_bundle: b\nplatform: {linux: {}}\n", Path::new("/"))
+            .expect_err("required");
+        assert!(e.to_string().contains("allowed_partitions"), "{e}");
+        let e = Config::parse(
+            "test_agent_bundle: b\nallowed_partitions: [../sda]\nplatform: {linux: {}}\n",
+            Path::new("/"),
+        )
+        .expect_err("path");
+        assert!(e.to_string().contains("key `allowed_partitions`"), "{e}");
+    }
+
+    #[test]
+    fn the_virtual_boards_config_parses_and_allows_only_its_test_rootfs() {
+        let text = include_str!("../../images/master/master-agent.yaml");
+        let c = Config::parse(text, Path::new("/")).expect("images/master/master-agent.yaml");
+        assert_eq!(c.allowed_partitions, ["testrootfs"]);
+        assert!(c.protected("bootsel").is_some());
     }
 }

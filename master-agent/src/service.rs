@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use ferry_proto::master::v1 as pb;
 use ferry_proto::master::v1::master_agent_server::MasterAgent;
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -23,6 +22,8 @@ impl From<AgentError> for Status {
         let msg = e.to_string();
         match e {
             AgentError::Precondition(_) | AgentError::Busy(_) => Status::failed_precondition(msg),
+            AgentError::BadName { .. } => Status::invalid_argument(msg),
+            AgentError::NotAllowed { .. } => Status::permission_denied(msg),
             AgentError::Platform(p) => match p {
                 PlatformError::NoSuchPartition(_) => Status::not_found(msg),
                 PlatformError::Protected { .. } => Status::permission_denied(msg),
@@ -194,7 +195,7 @@ impl MasterAgent for Service {
         tracing::info!(partition = %req.partition, definitions = plan.definitions.len(), "install test agent");
         let installed = self
             .agent
-            .install(req.partition, plan.encode_to_vec())
+            .install(req.partition, &plan)
             .await?;
         Ok(Response::new(pb::InstallTestAgentReply {
             test_agent_version: installed.version,

@@ -36,9 +36,15 @@ impl Agent {
         std::fs::create_dir_all(d.join("root")).expect("mkdir");
         std::fs::write(d.join("bootsel"), [0u8; 512]).expect("w");
         std::fs::write(d.join("small"), [0u8; 4096]).expect("w");
+        // Partitions a job must never write, with bytes to compare after.
+        std::fs::write(d.join("masterroot"), [0x5au8; 4096]).expect("w");
+        std::fs::write(d.join("unlisted"), [0xa5u8; 4096]).expect("w");
         std::fs::write(
             d.join("agent.yaml"),
-            "listen: 127.0.0.1:0\ntest_agent_bundle: missing.tgz\nannounce_interval: 200ms\nplatform:\n  sim:\n    partitions:\n      bootsel: {file: bootsel}\n      small: {file: small}\n      testrootfs: {dir: root}\n",
+            "listen: 127.0.0.1:0\ntest_agent_bundle: missing.tgz\nannounce_interval: 200ms\n\
+             allowed_partitions: [small, testrootfs, gone]\nboot_partitions: [masterroot]\n\
+             platform:\n  sim:\n    partitions:\n      bootsel: {file: bootsel}\n      small: {file: small}\n\
+             \x20     testrootfs: {dir: root}\n      masterroot: {file: masterroot}\n      unlisted: {file: unlisted}\n",
         )
         .expect("w");
         let mut child = Command::new(BIN)
@@ -99,6 +105,11 @@ impl Agent {
                 return;
             }
         }
+    }
+
+    /// A file of the board's folder.
+    fn file(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self._dir.path().join(name)).expect("read")
     }
 
     async fn client(&self) -> MasterAgentClient<Channel> {
@@ -207,16 +218,68 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
         ];
         authed(tokio_stream::iter(msgs), "t")
     };
+    // Never written, whatever the caller names: each refused before a byte.
+    for (partition, why) in [
+        ("bootsel", "boot selection"),
+        ("masterroot", "boots from it"),
+        ("unlisted", "not in this board's `allowed_partitions`"),
+        ("nope", "not in this board's `allowed_partitions`"),
+    ] {
+        let before = std::fs::read(agent._dir.path().join(partition)).ok();
+        let e = c
+            .deploy(deploy(partition, vec![1; 10], 10))
+            .await
+            .expect_err(partition);
+        assert_eq!(e.code(), Code::PermissionDenied, "{partition}: {}", e.message());
+        assert!(e.message().contains(why), "{partition}: {}", e.message());
+        assert_eq!(
+            std::fs::read(agent._dir.path().join(partition)).ok(),
+            before,
+            "{partition} unchanged"
+        );
+    }
+    for bad in ["../small", "small/", ".hidden", "a b"] {
+        let e = c
+            .deploy(deploy(bad, vec![1; 10], 10))
+            .await
+            .expect_err(bad);
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {}", e.message());
+    }
+    assert_eq!(agent.file("small"), vec![0u8; 4096], "small unchanged");
+    // Allowed, but the board has no such partition.
     let e = c
-        .deploy(deploy("bootsel", vec![1; 10], 10))
-        .await
-        .expect_err("protected");
-    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
-    let e = c
-        .deploy(deploy("nope", vec![1; 10], 10))
+        .deploy(deploy("gone", vec![1; 10], 10))
         .await
         .expect_err("unknown");
     assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    // Suite names become paths on the test rootfs: plain names only.
+    let plan = ferry_proto::plan::v1::TestPlan {
+        job: "j".into(),
+        definitions: vec![ferry_proto::plan::v1::Definition {
+            name: "../../etc".into(),
+            ..Default::default()
+        }],
+    };
+    let e = c
+        .install_test_agent(authed(
+            pb::InstallTestAgentRequest {
+                partition: "testrootfs".into(),
+                plan: Some(plan),
+            },
+            "t",
+        ))
+        .await
+        .expect_err("suite name");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("suite name"), "{}", e.message());
+    // GetInfo lists only what the board lets jobs use.
+    let info = c
+        .get_info(authed(pb::GetInfoRequest {}, "t"))
+        .await
+        .expect("info")
+        .into_inner();
+    let names: Vec<_> = info.partitions.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["small", "testrootfs"]);
     let e = c
         .deploy(deploy("small", vec![1; 8192], 8192))
         .await

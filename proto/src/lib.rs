@@ -4,6 +4,7 @@
 //! - [`plan::v1`]: the test plan the dispatcher sends and the test agent runs.
 //! - [`boot`]: the boot-once flag the master image's init reads.
 //! - [`console`]: the lines agents and dispatcher exchange on the serial console.
+//! - [`names`]: the one charset for names that cross the wire.
 //! - [`record`]: the records the test agent writes on its rootfs and the
 //!   dispatcher reads back.
 //!
@@ -12,6 +13,7 @@
 
 pub mod boot;
 pub mod console;
+pub mod names;
 pub mod record;
 
 /// The master agent's API, generated from `proto/ferry/master`.

@@ -159,6 +159,8 @@ impl Layout {
 listen: 127.0.0.1:0
 test_agent_bundle: test-agent.tar.gz
 boot_flag_partition: bootsel
+# What jobs may name; bootsel (and any boot_partitions) never.
+allowed_partitions: [testrootfs, firmware]
 announce_interval: 1s
 platform:
   sim:
