@@ -236,7 +236,12 @@ impl Agent {
         if let Some(why) = self.config.protected(partition) {
             return refuse(format!("is never written for a job: {why}"));
         }
-        if !self.config.allowed_partitions.iter().any(|p| p == partition) {
+        if !self
+            .config
+            .allowed_partitions
+            .iter()
+            .any(|p| p == partition)
+        {
             return refuse(format!(
                 "is not in this board's `allowed_partitions` (master agent config): {:?}",
                 self.config.allowed_partitions
@@ -318,10 +323,16 @@ impl Agent {
     /// # Errors
     /// Phase, busy partition, a suite name outside the charset (the test
     /// agent makes paths of them), mount or install errors.
-    pub async fn install(&self, partition: String, plan: &TestPlan) -> Result<Installed, AgentError> {
+    pub async fn install(
+        &self,
+        partition: String,
+        plan: &TestPlan,
+    ) -> Result<Installed, AgentError> {
         for d in &plan.definitions {
-            ferry_proto::names::check(&d.name)
-                .map_err(|source| AgentError::BadName { what: "suite", source })?;
+            ferry_proto::names::check(&d.name).map_err(|source| AgentError::BadName {
+                what: "suite",
+                source,
+            })?;
         }
         let plan = plan.encode_to_vec();
         let _claim = self.claim(&partition, "install the test agent")?;
@@ -474,8 +485,10 @@ mod tests {
                 ),
             ]
             .into(),
+            mountinfo: None,
         };
-        let text = "test_agent_bundle: none\nallowed_partitions: [testrootfs]\nplatform: {linux: {}}\n";
+        let text =
+            "test_agent_bundle: none\nallowed_partitions: [testrootfs]\nplatform: {linux: {}}\n";
         let mut config = Config::parse(text, dir).expect("config");
         config.platform = PlatformConfig::Sim(sim.clone());
         config.boot_once_command = hook;

@@ -144,7 +144,11 @@ impl Config {
     fn check(&self) -> Result<(), ParseError> {
         let names = std::iter::once(("boot_flag_partition", &self.boot_flag_partition))
             .chain(self.boot_partitions.iter().map(|p| ("boot_partitions", p)))
-            .chain(self.allowed_partitions.iter().map(|p| ("allowed_partitions", p)));
+            .chain(
+                self.allowed_partitions
+                    .iter()
+                    .map(|p| ("allowed_partitions", p)),
+            );
         for (key, name) in names {
             ferry_proto::names::check(name).map_err(|e| ParseError::Key {
                 key,
@@ -177,6 +181,9 @@ impl Config {
                 match p {
                     SimPartition::File(f) | SimPartition::Dir(f) => *f = base.join(&*f),
                 }
+            }
+            if let Some(m) = &mut sim.mountinfo {
+                *m = base.join(&*m);
             }
         }
         Ok(c)
@@ -252,7 +259,11 @@ mod tests {
         for (extra, allowed, named) in [
             ("", "[testrootfs, bootsel]", "bootsel"),
             ("boot_flag_partition: sel\n", "[sel]", "sel"),
-            ("boot_partitions: [rootfs-a, kernel]\n", "[testrootfs, kernel]", "kernel"),
+            (
+                "boot_partitions: [rootfs-a, kernel]\n",
+                "[testrootfs, kernel]",
+                "kernel",
+            ),
         ] {
             let path = dir.path().join("agent.yaml");
             std::fs::write(
@@ -272,8 +283,11 @@ mod tests {
 
     #[test]
     fn the_allowlist_is_required_and_its_names_plain() {
-        let e = Config::parse("test_agent_bundle: b\nplatform: {linux: {}}\n", Path::new("/"))
-            .expect_err("required");
+        let e = Config::parse(
+            "test_agent_bundle: b\nplatform: {linux: {}}\n",
+            Path::new("/"),
+        )
+        .expect_err("required");
         assert!(e.to_string().contains("allowed_partitions"), "{e}");
         let e = Config::parse(
             "test_agent_bundle: b\nallowed_partitions: [../sda]\nplatform: {linux: {}}\n",

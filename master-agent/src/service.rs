@@ -27,7 +27,10 @@ impl From<AgentError> for Status {
             AgentError::Platform(p) => match p {
                 PlatformError::NoSuchPartition(_) => Status::not_found(msg),
                 PlatformError::Protected { .. } => Status::permission_denied(msg),
-                PlatformError::NotMountable { .. } => Status::failed_precondition(msg),
+                // The board's disk or mount table is not as it should be: the lab's problem.
+                PlatformError::NotMountable { .. }
+                | PlatformError::DuplicateLabel { .. }
+                | PlatformError::MountState { .. } => Status::failed_precondition(msg),
                 PlatformError::Io { .. } => Status::internal(msg),
             },
             AgentError::Deploy(d) => match d {
@@ -193,10 +196,7 @@ impl MasterAgent for Service {
             .plan
             .ok_or_else(|| Status::invalid_argument("no test plan"))?;
         tracing::info!(partition = %req.partition, definitions = plan.definitions.len(), "install test agent");
-        let installed = self
-            .agent
-            .install(req.partition, &plan)
-            .await?;
+        let installed = self.agent.install(req.partition, &plan).await?;
         Ok(Response::new(pb::InstallTestAgentReply {
             test_agent_version: installed.version,
             boot_hook: installed.hook.as_str().into(),

@@ -2,6 +2,8 @@
 //! gRPC: the console token gate and the lifecycle rules.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -14,12 +16,15 @@ use tonic::{Code, Request};
 
 const BIN: &str = env!("CARGO_BIN_EXE_master-agent");
 
+/// A mount table with only `/` on it.
+const ROOT_MOUNT: &str = "22 1 254:0 / / rw - ext4 /dev/vda rw\n";
+
 struct Agent {
     child: Child,
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
     announcement: Announcement,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Agent {
@@ -44,9 +49,17 @@ impl Agent {
             "listen: 127.0.0.1:0\ntest_agent_bundle: missing.tgz\nannounce_interval: 200ms\n\
              allowed_partitions: [small, testrootfs, gone]\nboot_partitions: [masterroot]\n\
              platform:\n  sim:\n    partitions:\n      bootsel: {file: bootsel}\n      small: {file: small}\n\
-             \x20     testrootfs: {dir: root}\n      masterroot: {file: masterroot}\n      unlisted: {file: unlisted}\n",
+             \x20     testrootfs: {dir: root}\n      masterroot: {file: masterroot}\n      unlisted: {file: unlisted}\n\
+             \x20   mountinfo: mountinfo\n",
         )
         .expect("w");
+        std::fs::write(d.join("mountinfo"), ROOT_MOUNT).expect("w");
+        Self::launch(dir)
+    }
+
+    /// Starts the agent on `dir/agent.yaml`.
+    fn launch(dir: tempfile::TempDir) -> Self {
+        let d = dir.path();
         let mut child = Command::new(BIN)
             .arg("--config")
             .arg(d.join("agent.yaml"))
@@ -79,7 +92,7 @@ impl Agent {
             stdin,
             lines,
             announcement,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -109,7 +122,7 @@ impl Agent {
 
     /// A file of the board's folder.
     fn file(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self._dir.path().join(name)).expect("read")
+        std::fs::read(self.dir.path().join(name)).expect("read")
     }
 
     async fn client(&self) -> MasterAgentClient<Channel> {
@@ -118,6 +131,38 @@ impl Agent {
             .await
             .expect("connect")
     }
+}
+
+type DeployStream = tokio_stream::Iter<std::vec::IntoIter<pb::DeployRequest>>;
+
+/// A Deploy call writing `data` (claimed to hash to `sha256`) to `partition`.
+fn deploy_req(
+    partition: &str,
+    data: Vec<u8>,
+    sha256: String,
+    token: &str,
+) -> Request<DeployStream> {
+    let header = pb::DeployHeader {
+        partition: partition.into(),
+        sha256,
+        compression: pb::Compression::None as i32,
+        source_size: data.len() as u64,
+        source_name: "test".into(),
+    };
+    let msgs = vec![
+        pb::DeployRequest {
+            msg: Some(pb::deploy_request::Msg::Header(header)),
+        },
+        pb::DeployRequest {
+            msg: Some(pb::deploy_request::Msg::Data(data)),
+        },
+    ];
+    authed(tokio_stream::iter(msgs), token)
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    ferry_proto::hex(&sha2::Sha256::digest(data))
 }
 
 fn authed<T>(msg: T, token: &str) -> Request<T> {
@@ -200,23 +245,8 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
         .expect_err("order");
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
 
-    let deploy = |partition: &str, data: Vec<u8>, size: u64| {
-        let header = pb::DeployHeader {
-            partition: partition.into(),
-            sha256: "0".repeat(64),
-            compression: pb::Compression::None as i32,
-            source_size: size,
-            source_name: "test".into(),
-        };
-        let msgs = vec![
-            pb::DeployRequest {
-                msg: Some(pb::deploy_request::Msg::Header(header)),
-            },
-            pb::DeployRequest {
-                msg: Some(pb::deploy_request::Msg::Data(data)),
-            },
-        ];
-        authed(tokio_stream::iter(msgs), "t")
+    let deploy = |partition: &str, data: Vec<u8>, _size: u64| {
+        deploy_req(partition, data, "0".repeat(64), "t")
     };
     // Never written, whatever the caller names: each refused before a byte.
     for (partition, why) in [
@@ -225,24 +255,26 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
         ("unlisted", "not in this board's `allowed_partitions`"),
         ("nope", "not in this board's `allowed_partitions`"),
     ] {
-        let before = std::fs::read(agent._dir.path().join(partition)).ok();
+        let before = std::fs::read(agent.dir.path().join(partition)).ok();
         let e = c
             .deploy(deploy(partition, vec![1; 10], 10))
             .await
             .expect_err(partition);
-        assert_eq!(e.code(), Code::PermissionDenied, "{partition}: {}", e.message());
+        assert_eq!(
+            e.code(),
+            Code::PermissionDenied,
+            "{partition}: {}",
+            e.message()
+        );
         assert!(e.message().contains(why), "{partition}: {}", e.message());
         assert_eq!(
-            std::fs::read(agent._dir.path().join(partition)).ok(),
+            std::fs::read(agent.dir.path().join(partition)).ok(),
             before,
             "{partition} unchanged"
         );
     }
     for bad in ["../small", "small/", ".hidden", "a b"] {
-        let e = c
-            .deploy(deploy(bad, vec![1; 10], 10))
-            .await
-            .expect_err(bad);
+        let e = c.deploy(deploy(bad, vec![1; 10], 10)).await.expect_err(bad);
         assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {}", e.message());
     }
     assert_eq!(agent.file("small"), vec![0u8; 4096], "small unchanged");
@@ -319,4 +351,266 @@ async fn a_later_different_token_line_does_not_replace_the_one_in_use() {
     c.get_info(authed(pb::GetInfoRequest {}, "first"))
         .await
         .expect("the first token still works");
+}
+
+#[tokio::test]
+async fn a_mounted_partition_or_an_unreadable_mount_table_is_never_written() {
+    let mut agent = Agent::start();
+    agent.send_token("boot-1", "t");
+    agent.wait_for("token accepted");
+    let mut c = agent.client().await;
+    let table = agent.dir.path().join("mountinfo");
+    let small = agent.dir.path().join("small");
+    let image = vec![7u8; 100];
+
+    let mounted = format!(
+        "{ROOT_MOUNT}40 22 7:3 / /mnt/small rw - ext4 {} rw\n",
+        small.display()
+    );
+    for (state, code, why) in [
+        (
+            Some(mounted.as_str()),
+            Code::PermissionDenied,
+            "mounted at /mnt/small",
+        ),
+        (
+            Some("22 1 254:0 / / rw\n"),
+            Code::FailedPrecondition,
+            "cannot tell what is mounted",
+        ),
+        (
+            None,
+            Code::FailedPrecondition,
+            "cannot tell what is mounted",
+        ),
+    ] {
+        match state {
+            Some(text) => std::fs::write(&table, text).expect("w"),
+            None => std::fs::remove_file(&table).expect("rm"),
+        }
+        let e = c
+            .deploy(deploy_req("small", image.clone(), sha256(&image), "t"))
+            .await
+            .expect_err(why);
+        assert_eq!(
+            (e.code(), e.message().contains(why)),
+            (code, true),
+            "{}",
+            e.message()
+        );
+        assert_eq!(
+            agent.file("small"),
+            vec![0u8; 4096],
+            "{why}: small unchanged"
+        );
+    }
+    // The same call lands once the table says it may: the refusals were the mount state.
+    std::fs::write(&table, ROOT_MOUNT).expect("w");
+    c.deploy(deploy_req("small", image.clone(), sha256(&image), "t"))
+        .await
+        .expect("unmounted");
+    assert_eq!(&agent.file("small")[..100], &image[..]);
+}
+
+/// Runs a command the Linux-platform tests need (root, util-linux, e2fsprogs).
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd}: {e} (the Linux platform tests need util-linux and e2fsprogs)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {} (the Linux platform tests need root and loop devices)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A 4 MiB loop device, unmounted and detached on drop.
+struct Loop {
+    dev: String,
+    mounted: Option<std::path::PathBuf>,
+    _backing: tempfile::NamedTempFile,
+}
+
+impl Loop {
+    fn new() -> Self {
+        let backing = tempfile::NamedTempFile::new().expect("tmp");
+        backing.as_file().set_len(4 << 20).expect("size");
+        let dev = sh(
+            "losetup",
+            &["--find", "--show", &backing.path().display().to_string()],
+        );
+        Loop {
+            dev,
+            mounted: None,
+            _backing: backing,
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.dev.trim_start_matches("/dev/")
+    }
+
+    fn head(&self) -> Vec<u8> {
+        let mut f = std::fs::File::open(&self.dev).expect("open loop");
+        let mut buf = vec![0u8; 1 << 16];
+        std::io::Read::read_exact(&mut f, &mut buf).expect("read loop");
+        buf
+    }
+
+    fn mount(&mut self, at: &std::path::Path) {
+        sh("mkfs.ext4", &["-q", "-F", &self.dev]);
+        sh("mount", &[&self.dev, &at.display().to_string()]);
+        self.mounted = Some(at.into());
+    }
+
+    fn unmount(&mut self) {
+        if let Some(at) = self.mounted.take() {
+            sh("umount", &[&at.display().to_string()]);
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if let Some(at) = self.mounted.take() {
+            let _ = Command::new("umount").arg(at).status();
+        }
+        let _ = Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// A Linux-platform agent whose sysfs lists `parts` as (device, GPT name,
+/// major:minor), device nodes under `dev`, reading `mountinfo`.
+fn linux_agent(
+    parts: &[(&str, &str, &str)],
+    dev: &std::path::Path,
+    mountinfo: &std::path::Path,
+) -> Agent {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (node, label, majmin) in parts {
+        let d = dir.path().join("block").join(node);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("partition"), "1").expect("w");
+        std::fs::write(
+            d.join("uevent"),
+            format!("DEVNAME={node}\nPARTNAME={label}\n"),
+        )
+        .expect("w");
+        std::fs::write(d.join("size"), "8192\n").expect("w");
+        std::fs::write(d.join("dev"), format!("{majmin}\n")).expect("w");
+    }
+    std::fs::write(
+        dir.path().join("agent.yaml"),
+        format!(
+            "listen: 127.0.0.1:0\ntest_agent_bundle: missing.tgz\nannounce_interval: 200ms\n\
+             allowed_partitions: [testrootfs]\nplatform:\n  linux:\n    sysfs_block: {}\n    dev: {}\n    mountinfo: {}\n",
+            dir.path().join("block").display(),
+            dev.display(),
+            mountinfo.display()
+        ),
+    )
+    .expect("w");
+    let mut agent = Agent::launch(dir);
+    agent.send_token("boot-1", "t");
+    agent.wait_for("token accepted");
+    agent
+}
+
+#[tokio::test]
+async fn a_second_partition_labelled_like_the_target_is_refused_before_a_byte() {
+    let dev = tempfile::tempdir().expect("tmp");
+    for node in ["vdb2", "vdb9"] {
+        std::fs::write(dev.path().join(node), [0xee; 4096]).expect("w");
+    }
+    let table = dev.path().join("mountinfo");
+    std::fs::write(&table, ROOT_MOUNT).expect("w");
+    let agent = linux_agent(
+        &[
+            ("vdb2", "testrootfs", "4095:2"),
+            ("vdb9", "testrootfs", "4095:9"),
+        ],
+        dev.path(),
+        &table,
+    );
+    let mut c = agent.client().await;
+    let image = vec![7u8; 100];
+    let e = c
+        .deploy(deploy_req("testrootfs", image.clone(), sha256(&image), "t"))
+        .await
+        .expect_err("duplicate label");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("carried by 2 partitions"),
+        "{}",
+        e.message()
+    );
+    for node in ["vdb2", "vdb9"] {
+        assert_eq!(
+            std::fs::read(dev.path().join(node)).expect("r"),
+            [0xee; 4096],
+            "{node}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_claimed_or_mounted_block_device_is_refused_before_a_byte() {
+    let mut lo = Loop::new();
+    let majmin = std::fs::read_to_string(format!("/sys/class/block/{}/dev", lo.name()))
+        .expect("loop dev")
+        .trim()
+        .to_string();
+    let parts = [(lo.name().to_string(), "testrootfs", majmin.as_str())];
+    let parts: Vec<(&str, &str, &str)> =
+        parts.iter().map(|(a, b, c)| (a.as_str(), *b, *c)).collect();
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A mount table that says nothing is mounted: only O_EXCL can catch it.
+    let lying = tmp.path().join("mountinfo");
+    std::fs::write(&lying, ROOT_MOUNT).expect("w");
+    let blind = linux_agent(&parts, Path::new("/dev"), &lying);
+    let mut c = blind.client().await;
+    let image = vec![7u8; 100];
+    let call = |c: &mut MasterAgentClient<Channel>| {
+        let mut c = c.clone();
+        let image = image.clone();
+        async move {
+            c.deploy(deploy_req("testrootfs", image.clone(), sha256(&image), "t"))
+                .await
+        }
+    };
+
+    // Claimed by another exclusive opener.
+    let before = lo.head();
+    let claim = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(&lo.dev)
+        .expect("claim");
+    let e = call(&mut c).await.expect_err("claimed");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("in use"), "{}", e.message());
+    drop(claim);
+    assert_eq!(lo.head(), before, "claimed device unchanged");
+
+    // Mounted, with a mount table that does not say so.
+    let at = tmp.path().join("mnt");
+    std::fs::create_dir(&at).expect("mkdir");
+    lo.mount(&at);
+    let before = lo.head();
+    let e = call(&mut c).await.expect_err("mounted");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("in use"), "{}", e.message());
+    // Mounted, seen in the real mount table.
+    let seeing = linux_agent(&parts, Path::new("/dev"), Path::new("/proc/self/mountinfo"));
+    let mut c2 = seeing.client().await;
+    let e = call(&mut c2).await.expect_err("mounted");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("mounted at"), "{}", e.message());
+    assert_eq!(lo.head(), before, "mounted device unchanged");
+
+    // Released, the same call lands: the refusals were the claim and the mount.
+    lo.unmount();
+    call(&mut c2).await.expect("free device");
+    assert_eq!(&lo.head()[..100], &image[..]);
 }

@@ -48,13 +48,31 @@ mod tests {
 
     #[test]
     fn only_plain_names_pass() {
-        for good in ["testrootfs", "firmware", "0_smoke", "records.jsonl", "a-b_c.d", "_x"] {
+        for good in [
+            "testrootfs",
+            "firmware",
+            "0_smoke",
+            "records.jsonl",
+            "a-b_c.d",
+            "_x",
+        ] {
             assert_eq!(check(good), Ok(()), "{good}");
         }
         assert_eq!(check(""), Err(NameError::Empty));
         assert!(matches!(check(&"a".repeat(65)), Err(NameError::TooLong(_))));
         for bad in [
-            ".", "..", ".hidden", "-rf", "a/b", "/abs", "a\\b", "a b", "a\nb", "é", "a\0", "x\u{1b}[2J",
+            ".",
+            "..",
+            ".hidden",
+            "-rf",
+            "a/b",
+            "/abs",
+            "a\\b",
+            "a b",
+            "a\nb",
+            "é",
+            "a\0",
+            "x\u{1b}[2J",
         ] {
             assert!(matches!(check(bad), Err(NameError::Charset(_))), "{bad:?}");
         }

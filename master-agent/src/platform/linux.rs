@@ -1,13 +1,20 @@
 //! A real Linux board: GPT partitions found by label through sysfs, ext4
 //! mounts, and reboot(2).
+//!
+//! The disk is shared with test images, which run as root and may rewrite
+//! the partition table: a label carried by two partitions is refused, what
+//! is mounted is read fail-closed, and block devices are opened with
+//! `O_EXCL`, which the kernel refuses while anything else (a mount, a
+//! device mapper, another exclusive opener) holds the device.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount, MsFlags};
 use serde::Deserialize;
 
+use super::mountinfo::{self, Mount};
 use super::{Mounted, PartitionInfo, Platform, PlatformError, WriteTarget};
 
 /// Settings of the Linux platform.
@@ -22,6 +29,8 @@ pub struct LinuxConfig {
     pub sysfs_block: PathBuf,
     /// Where device nodes are.
     pub dev: PathBuf,
+    /// What is mounted (read fail-closed before every write or mount).
+    pub mountinfo: PathBuf,
 }
 
 impl Default for LinuxConfig {
@@ -31,6 +40,7 @@ impl Default for LinuxConfig {
             mount_root: "/run/ferry/mnt".into(),
             sysfs_block: "/sys/class/block".into(),
             dev: "/dev".into(),
+            mountinfo: "/proc/self/mountinfo".into(),
         }
     }
 }
@@ -98,32 +108,73 @@ impl LinuxPlatform {
         Ok(found)
     }
 
+    /// The one partition carrying `name`.
     fn find(&self, name: &str) -> Result<Found, PlatformError> {
-        self.scan()?
+        let mut matching: Vec<Found> = self
+            .scan()?
             .into_iter()
-            .find(|f| f.name == name)
-            .ok_or_else(|| PlatformError::NoSuchPartition(name.into()))
+            .filter(|f| f.name == name)
+            .collect();
+        match matching.len() {
+            0 => Err(PlatformError::NoSuchPartition(name.into())),
+            1 => Ok(matching.remove(0)),
+            _ => Err(PlatformError::DuplicateLabel {
+                name: name.into(),
+                devices: matching.into_iter().map(|f| f.node).collect(),
+            }),
+        }
     }
 
-    /// Why a partition must not be written, if it must not.
-    fn protection(&self, part: &Found) -> Option<String> {
+    /// Why a partition must not be written or mounted, if it must not.
+    fn protection(&self, part: &Found, mounts: &[Mount]) -> Option<String> {
         if part.name == self.boot_flag {
             return Some("it holds the boot selection".into());
         }
         // A mounted partition backs the running system (or someone's data).
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mounted = mountinfo
-            .lines()
-            .any(|l| l.split_whitespace().nth(2) == Some(part.majmin.as_str()));
-        mounted.then(|| "it is mounted by the running system".into())
+        mounts
+            .iter()
+            .find(|m| m.majmin == part.majmin)
+            .map(|m| format!("it is mounted at {}", m.mount_point.display()))
     }
 
-    fn open_device(node: &Path) -> Result<File, PlatformError> {
+    /// The partition `name`, if it exists once and nothing protects it.
+    fn usable(&self, name: &str) -> Result<Found, PlatformError> {
+        let part = self.find(name)?;
+        let mounts = mountinfo::read(&self.config.mountinfo)?;
+        match self.protection(&part, &mounts) {
+            Some(why) => Err(PlatformError::Protected {
+                name: name.into(),
+                why,
+            }),
+            None => Ok(part),
+        }
+    }
+
+    /// Opens a block device for writing, exclusively: the kernel refuses
+    /// with `EBUSY` while it is mounted or otherwise claimed.
+    fn open_device(name: &str, node: &Path) -> Result<File, PlatformError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
             .open(node)
-            .map_err(PlatformError::io("opening", node))?;
+            .map_err(|source| {
+                if source.raw_os_error() == Some(nix::libc::EBUSY) {
+                    PlatformError::Protected {
+                        name: name.into(),
+                        why: format!(
+                            "{} is in use (mounted or claimed by someone else: exclusive open refused)",
+                            node.display()
+                        ),
+                    }
+                } else {
+                    PlatformError::Io {
+                        what: "opening",
+                        path: node.into(),
+                        source,
+                    }
+                }
+            })?;
         let meta = file
             .metadata()
             .map_err(PlatformError::io("reading", node))?;
@@ -144,13 +195,19 @@ impl Platform for LinuxPlatform {
     }
 
     fn partitions(&self) -> Result<Vec<PartitionInfo>, PlatformError> {
-        Ok(self
-            .scan()?
-            .into_iter()
+        let found = self.scan()?;
+        // Listing is informational: unknown mount state lists nothing as writable.
+        let mounts = mountinfo::read(&self.config.mountinfo).ok();
+        let labels = |name: &str| found.iter().filter(|f| f.name == name).count();
+        Ok(found
+            .iter()
             .map(|f| {
-                let deployable = self.protection(&f).is_none();
+                let deployable = labels(&f.name) == 1
+                    && mounts
+                        .as_ref()
+                        .is_some_and(|m| self.protection(f, m).is_none());
                 PartitionInfo {
-                    name: f.name,
+                    name: f.name.clone(),
                     size: f.size,
                     deployable,
                     mountable: deployable,
@@ -160,14 +217,8 @@ impl Platform for LinuxPlatform {
     }
 
     fn open_for_write(&self, name: &str) -> Result<WriteTarget, PlatformError> {
-        let part = self.find(name)?;
-        if let Some(why) = self.protection(&part) {
-            return Err(PlatformError::Protected {
-                name: name.into(),
-                why,
-            });
-        }
-        let file = Self::open_device(&part.node)?;
+        let part = self.usable(name)?;
+        let file = Self::open_device(name, &part.node)?;
         Ok(WriteTarget {
             file,
             capacity: part.size,
@@ -176,17 +227,11 @@ impl Platform for LinuxPlatform {
     }
 
     fn open_boot_flag(&self) -> Result<File, PlatformError> {
-        Self::open_device(&self.find(&self.boot_flag)?.node)
+        Self::open_device(&self.boot_flag, &self.find(&self.boot_flag)?.node)
     }
 
     fn mount(&self, name: &str, writable: bool) -> Result<Mounted, PlatformError> {
-        let part = self.find(name)?;
-        if let Some(why) = self.protection(&part) {
-            return Err(PlatformError::NotMountable {
-                name: name.into(),
-                why,
-            });
-        }
+        let part = self.usable(name).map_err(PlatformError::for_mount)?;
         let target = self.config.mount_root.join(name);
         std::fs::create_dir_all(&target).map_err(PlatformError::io("creating", &target))?;
         let flags = if writable {
@@ -237,13 +282,25 @@ impl Platform for LinuxPlatform {
 mod tests {
     use super::*;
 
-    /// A fake sysfs: the scan logic reads only these files.
-    #[test]
-    fn finds_partitions_by_gpt_name_and_skips_disks() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sys = dir.path().join("block");
-        let mk = |dev: &str, part: Option<&str>, sectors: u64| {
-            let d = sys.join(dev);
+    /// A fake sysfs, /dev and mountinfo: the platform reads only these.
+    struct Fake {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            let f = Fake {
+                dir: tempfile::tempdir().expect("tempdir"),
+            };
+            std::fs::create_dir_all(f.dir.path().join("dev")).expect("mkdir");
+            f.mountinfo("22 1 254:0 / / rw - ext4 /dev/vda rw\n");
+            f
+        }
+
+        /// A block device `dev` (a partition when `part` names it) whose
+        /// node holds 4 KiB of `0xee`.
+        fn add(&self, dev: &str, part: Option<&str>, majmin: &str) {
+            let d = self.dir.path().join("block").join(dev);
             std::fs::create_dir_all(&d).expect("mkdir");
             let mut uevent = format!("MAJOR=254\nDEVNAME={dev}\nDEVTYPE=partition\n");
             if let Some(p) = part {
@@ -251,20 +308,43 @@ mod tests {
                 std::fs::write(d.join("partition"), "1").expect("w");
             }
             std::fs::write(d.join("uevent"), uevent).expect("w");
-            std::fs::write(d.join("size"), format!("{sectors}\n")).expect("w");
-            std::fs::write(d.join("dev"), "254:1\n").expect("w");
-        };
-        mk("vda", None, 100_000);
-        mk("vda1", Some("bootsel"), 2048);
-        mk("vda2", Some("testrootfs"), 81920);
-        let p = LinuxPlatform::new(
-            LinuxConfig {
-                sysfs_block: sys,
-                dev: dir.path().join("dev"),
-                ..LinuxConfig::default()
-            },
-            "bootsel".into(),
-        );
+            std::fs::write(d.join("size"), "8\n").expect("w");
+            std::fs::write(d.join("dev"), format!("{majmin}\n")).expect("w");
+            std::fs::write(self.node(dev), [0xee; 4096]).expect("w");
+        }
+
+        fn node(&self, dev: &str) -> PathBuf {
+            self.dir.path().join("dev").join(dev)
+        }
+
+        fn mountinfo(&self, text: &str) {
+            std::fs::write(self.dir.path().join("mountinfo"), text).expect("w");
+        }
+
+        fn platform(&self) -> LinuxPlatform {
+            LinuxPlatform::new(
+                LinuxConfig {
+                    sysfs_block: self.dir.path().join("block"),
+                    dev: self.dir.path().join("dev"),
+                    mountinfo: self.dir.path().join("mountinfo"),
+                    ..LinuxConfig::default()
+                },
+                "bootsel".into(),
+            )
+        }
+
+        fn untouched(&self, dev: &str) -> bool {
+            std::fs::read(self.node(dev)).expect("read") == [0xee; 4096]
+        }
+    }
+
+    #[test]
+    fn finds_partitions_by_gpt_name_and_skips_disks() {
+        let f = Fake::new();
+        f.add("vda", None, "254:0");
+        f.add("vda1", Some("bootsel"), "254:1");
+        f.add("vda2", Some("testrootfs"), "254:2");
+        let p = f.platform();
         let parts = p.partitions().expect("scan");
         let names: Vec<_> = parts
             .iter()
@@ -272,10 +352,7 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            vec![
-                ("bootsel", 2048 * 512, false),
-                ("testrootfs", 81920 * 512, true)
-            ]
+            vec![("bootsel", 8 * 512, false), ("testrootfs", 8 * 512, true)]
         );
         assert!(matches!(
             p.open_for_write("bootsel"),
@@ -285,5 +362,70 @@ mod tests {
             p.open_for_write("nope"),
             Err(PlatformError::NoSuchPartition(_))
         ));
+        // Past every check, a regular file is still not a block device.
+        assert!(matches!(
+            p.open_for_write("testrootfs"),
+            Err(PlatformError::Io {
+                what: "checking",
+                ..
+            })
+        ));
+        assert!(f.untouched("vda1") && f.untouched("vda2"));
+    }
+
+    #[test]
+    fn a_second_partition_named_like_the_target_is_refused() {
+        let f = Fake::new();
+        f.add("vda2", Some("testrootfs"), "254:2");
+        // Planted by a test image: same GPT name on another partition.
+        f.add("vda3", Some("testrootfs"), "254:3");
+        let p = f.platform();
+        let e = p.open_for_write("testrootfs").expect_err("duplicate");
+        assert!(
+            matches!(&e, PlatformError::DuplicateLabel { devices, .. } if devices.len() == 2),
+            "{e}"
+        );
+        assert!(matches!(
+            p.mount("testrootfs", true),
+            Err(PlatformError::DuplicateLabel { .. })
+        ));
+        assert!(p.partitions().expect("scan").iter().all(|x| !x.deployable));
+        assert!(f.untouched("vda2") && f.untouched("vda3"));
+    }
+
+    #[test]
+    fn mount_state_is_read_fail_closed() {
+        let f = Fake::new();
+        f.add("vda2", Some("testrootfs"), "254:2");
+        let p = f.platform();
+        f.mountinfo(
+            "22 1 254:0 / / rw - ext4 /dev/vda rw\n31 22 254:2 / /srv rw - ext4 /dev/vda2 rw\n",
+        );
+        let e = p.open_for_write("testrootfs").expect_err("mounted");
+        assert!(
+            matches!(&e, PlatformError::Protected { why, .. } if why.contains("/srv")),
+            "{e}"
+        );
+        assert!(matches!(
+            p.mount("testrootfs", false),
+            Err(PlatformError::NotMountable { .. })
+        ));
+        for table in [Some("not a mount table\n"), Some(""), None] {
+            match table {
+                Some(t) => f.mountinfo(t),
+                None => std::fs::remove_file(f.dir.path().join("mountinfo")).expect("rm"),
+            }
+            let e = p.open_for_write("testrootfs").expect_err("unknown state");
+            assert!(
+                matches!(e, PlatformError::MountState { .. }),
+                "{table:?}: {e}"
+            );
+            assert!(matches!(
+                p.mount("testrootfs", false),
+                Err(PlatformError::MountState { .. })
+            ));
+            assert!(!p.partitions().expect("scan")[0].deployable);
+        }
+        assert!(f.untouched("vda2"));
     }
 }

@@ -10,6 +10,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 pub mod linux;
+pub mod mountinfo;
 pub mod sim;
 
 /// A partition as the agent reports it.
@@ -50,6 +51,25 @@ pub enum PlatformError {
         /// Why.
         why: String,
     },
+    /// More than one partition carries the name (a test image can write a
+    /// GPT entry named like the target): which one is meant is unknowable.
+    #[error("partition name {name:?} is carried by {} partitions ({}); refusing to guess which is meant", .devices.len(), .devices.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "))]
+    DuplicateLabel {
+        /// The name.
+        name: String,
+        /// The devices carrying it.
+        devices: Vec<PathBuf>,
+    },
+    /// What is mounted could not be told, so nothing is written.
+    #[error(
+        "cannot tell what is mounted from {path}: {why}; refusing to write or mount any partition"
+    )]
+    MountState {
+        /// The mountinfo file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The partition cannot be mounted here.
     #[error("partition {name:?} cannot be mounted: {why}")]
     NotMountable {
@@ -71,6 +91,14 @@ pub enum PlatformError {
 }
 
 impl PlatformError {
+    /// The same refusal, worded for a mount rather than a write.
+    pub fn for_mount(self) -> Self {
+        match self {
+            PlatformError::Protected { name, why } => PlatformError::NotMountable { name, why },
+            e => e,
+        }
+    }
+
     /// Wraps an I/O error with what was done and where.
     pub fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Self + 'a {
         move |source| PlatformError::Io {

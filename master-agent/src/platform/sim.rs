@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{Mounted, PartitionInfo, Platform, PlatformError, WriteTarget};
+use super::{mountinfo, Mounted, PartitionInfo, Platform, PlatformError, WriteTarget};
 
 /// One simulated partition.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -26,6 +26,12 @@ pub enum SimPartition {
 pub struct SimConfig {
     /// Partitions by name.
     pub partitions: BTreeMap<String, SimPartition>,
+    /// A file in `/proc/self/mountinfo` format standing for the board's
+    /// mount table: a partition whose path is a mount's source is mounted,
+    /// and is neither written nor mounted again. Read fail-closed like the
+    /// real one; without it nothing is mounted.
+    #[serde(default)]
+    pub mountinfo: Option<PathBuf>,
 }
 
 /// The simulated platform.
@@ -46,6 +52,20 @@ impl SimPlatform {
             .partitions
             .get(name)
             .ok_or_else(|| PlatformError::NoSuchPartition(name.into()))
+    }
+
+    /// Refuses a partition the simulated mount table says is mounted.
+    fn unmounted(&self, name: &str, path: &Path) -> Result<(), PlatformError> {
+        let Some(table) = &self.config.mountinfo else {
+            return Ok(());
+        };
+        match mountinfo::read(table)?.iter().find(|m| m.source == path) {
+            Some(m) => Err(PlatformError::Protected {
+                name: name.into(),
+                why: format!("it is mounted at {}", m.mount_point.display()),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -96,6 +116,7 @@ impl Platform for SimPlatform {
         }
         match self.get(name)? {
             SimPartition::File(path) => {
+                self.unmounted(name, path)?;
                 let file = open_rw(path)?;
                 // A file partition has a fixed size, like a block device.
                 let capacity = file
@@ -127,7 +148,11 @@ impl Platform for SimPlatform {
 
     fn mount(&self, name: &str, _writable: bool) -> Result<Mounted, PlatformError> {
         match self.get(name)? {
-            SimPartition::Dir(path) => Ok(Mounted::folder(path.clone())),
+            SimPartition::Dir(path) => {
+                self.unmounted(name, path)
+                    .map_err(PlatformError::for_mount)?;
+                Ok(Mounted::folder(path.clone()))
+            }
             SimPartition::File(_) => Err(PlatformError::NotMountable {
                 name: name.into(),
                 why: "on the simulated board only folder partitions hold filesystems".into(),
