@@ -103,7 +103,9 @@ pub async fn announce(
     auth: Arc<Auth>,
 ) {
     while !auth.answered() {
-        let line = make().to_string();
+        // A leading newline ends whatever the console was in the middle of:
+        // agent lines count only at the start of a console line.
+        let line = format!("\n{}", make());
         let c = console.clone();
         let _ = tokio::task::spawn_blocking(move || say(&c, &line)).await;
         tokio::select! {

@@ -1,9 +1,17 @@
-//! Lines exchanged on the serial console.
+//! Lines exchanged on the serial console, and what makes a console line
+//! count.
 //!
-//! The console is shared with the kernel, the bootloader and whatever else
-//! prints there, so each line carries a short checksum: a line that was cut
-//! or interleaved with other output fails the check and is ignored (the
-//! agent repeats its announcement until it is answered).
+//! The console is shared with the kernel, the bootloader, the test image and
+//! the tests themselves, so nothing on it may steer a job unless its source
+//! is proven:
+//! - agent lines ([`Announcement`], [`TokenLine`]) start a console line (only
+//!   control bytes and terminal escapes may precede the marker) and carry a
+//!   short checksum: a line that was cut or interleaved with other output
+//!   fails the check and is ignored (agents repeat until answered);
+//! - a kernel panic counts only in the kernel's own format ([`kernel_panic`]);
+//! - test output mirrored to the console goes through [`mirror_output`]: it is
+//!   tagged with [`OUTPUT_TAG`] and every marker in it is escaped, so it can
+//!   never be taken for an agent or kernel line, even when the kernel cuts it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,6 +22,88 @@ use sha2::{Digest, Sha256};
 pub const ANNOUNCE_MARKER: &str = "FERRY-AGENT";
 /// Marker that starts a token line written by the dispatcher.
 pub const TOKEN_MARKER: &str = "FERRY-TOKEN";
+/// What the kernel prints when it gives up; the board goes nowhere by itself.
+pub const PANIC_MARKER: &str = "Kernel panic - not syncing";
+/// Start of every line of test output mirrored to the console.
+pub const OUTPUT_TAG: &str = "| ";
+
+/// Text that steers the dispatcher when it starts a console line. Mirrored
+/// test output has each one escaped (its first `-` becomes `\-`).
+const TRIGGERS: [&str; 3] = [ANNOUNCE_MARKER, TOKEN_MARKER, PANIC_MARKER];
+
+/// One line of test output as the test agent mirrors it to the console:
+/// tagged, with every trigger escaped. The records keep the exact bytes;
+/// this is for people watching, and can never pass for an agent or kernel
+/// line wherever the console cuts it.
+pub fn mirror_output(line: &str) -> String {
+    let mut out = String::with_capacity(OUTPUT_TAG.len() + line.len());
+    out.push_str(OUTPUT_TAG);
+    let mut rest = line;
+    'scan: while !rest.is_empty() {
+        for t in TRIGGERS {
+            if rest.starts_with(t) {
+                let dash = t.find('-').unwrap_or(0);
+                out.push_str(&t[..dash]);
+                out.push('\\');
+                out.push_str(&t[dash..]);
+                rest = &rest[t.len()..];
+                continue 'scan;
+            }
+        }
+        let mut chars = rest.chars();
+        if let Some(c) = chars.next() {
+            out.push(c);
+        }
+        rest = chars.as_str();
+    }
+    out
+}
+
+/// The line with what may precede a console line's real start removed:
+/// carriage returns, NULs and other control bytes, and terminal escape
+/// sequences (colour resets the previous program left behind).
+pub fn line_start(line: &str) -> &str {
+    let mut s = line;
+    loop {
+        let before = s.len();
+        s = s.trim_start_matches(|c: char| c.is_control() && c != '\x1b');
+        if let Some(esc) = s.strip_prefix("\x1b[") {
+            // CSI: parameters and intermediates, then one final byte.
+            let end = esc
+                .find(|c: char| ('@'..='~').contains(&c))
+                .map_or(esc.len(), |i| i + 1);
+            s = &esc[end..];
+        } else if let Some(esc) = s.strip_prefix('\x1b') {
+            s = esc;
+        }
+        if s.len() == before {
+            return s;
+        }
+    }
+}
+
+/// The kernel's panic line, when `line` is one: `Kernel panic - not
+/// syncing...` at the start of the line, after the kernel's own time stamp
+/// (`[   12.345678] `) when it prints one. Not the closing `---[ end Kernel
+/// panic` line, and never text that merely contains the words.
+pub fn kernel_panic(line: &str) -> Option<&str> {
+    let s = line_start(line);
+    let text = match s.strip_prefix('[') {
+        Some(stamped) => {
+            let (stamp, rest) = stamped.split_once(']')?;
+            let stamp = stamp.trim_start();
+            let (secs, frac) = stamp.split_once('.')?;
+            let digits = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+            if !digits(secs) || !digits(frac) {
+                return None;
+            }
+            rest.strip_prefix(' ')?
+        }
+        None => s,
+    };
+    text.starts_with(PANIC_MARKER)
+        .then(|| text.trim_end_matches(['\r', '\n', ' ']))
+}
 
 /// Which agent announced itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,12 +176,15 @@ fn seal(body: String) -> String {
     format!("{body} sum={sum}")
 }
 
-/// Finds `marker` in `line` and checks the trailing checksum; returns the
-/// key=value fields. `None` when the marker is absent.
+/// Checks that `line` starts with `marker` and ends with its checksum;
+/// returns the key=value fields. `None` when the line does not start with
+/// the marker (text elsewhere in a line proves nothing about its source).
 fn unseal<'a>(line: &'a str, marker: &str) -> Option<Result<Vec<(&'a str, &'a str)>, LineError>> {
-    // Take the last marker: a garbled earlier copy may precede a good one.
-    let start = line.rfind(marker)?;
-    let text = line[start..].trim_end_matches(['\r', '\n', ' ']);
+    let text = line_start(line);
+    if !text.starts_with(marker) {
+        return None;
+    }
+    let text = text.trim_end_matches(['\r', '\n', ' ']);
     let Some((body, sum)) = text.rsplit_once(" sum=") else {
         return Some(Err(LineError::Missing("sum")));
     };
@@ -215,12 +308,89 @@ mod tests {
     }
 
     #[test]
-    fn announcement_survives_prefixes_and_crlf() {
-        let line = format!(
-            "[    2.345678] random: crng init done\x00\x1b[0m{}\r\n",
-            master()
-        );
+    fn announcement_survives_control_bytes_escapes_and_crlf() {
+        let line = format!("\r\x00\x1b[0m\x1b[?25h{}\r\n", master());
         assert_eq!(Announcement::find(&line), Some(Ok(master())));
+    }
+
+    #[test]
+    fn a_marker_that_does_not_start_the_line_proves_nothing() {
+        for prefix in [
+            "[    2.345678] ",          // a /dev/kmsg write: the kernel's format
+            "[    2.345678] random: ", // kernel text the line was cut into
+            "| ",                       // mirrored test output
+            "echo ",
+        ] {
+            let line = format!("{prefix}{}", master());
+            assert_eq!(Announcement::find(&line), None, "{line:?}");
+            let token = TokenLine {
+                boot: "b".into(),
+                token: "t".into(),
+            };
+            assert_eq!(TokenLine::find(&format!("{prefix}{token}")), None);
+        }
+    }
+
+    #[test]
+    fn mirrored_output_never_passes_for_an_agent_or_kernel_line() {
+        let token = TokenLine {
+            boot: "b".into(),
+            token: "t".into(),
+        };
+        let hostile = [
+            master().to_string(),
+            token.to_string(),
+            "[    5.000000] Kernel panic - not syncing: VFS".to_string(),
+            format!("xx{}yy[ 1.0] Kernel panic - not syncing{}", master(), token),
+            "Kernel panic - not syncing".to_string(),
+        ];
+        for text in hostile {
+            let mirrored = mirror_output(&text);
+            assert!(mirrored.starts_with(OUTPUT_TAG));
+            // Wherever the console cuts the mirrored line (a kernel message
+            // ending in a newline can land anywhere in it), no piece is an
+            // agent or kernel line.
+            for cut in 0..=mirrored.len() {
+                let Some(piece) = mirrored.get(cut..) else {
+                    continue;
+                };
+                assert_eq!(Announcement::find(piece), None, "{piece:?}");
+                assert_eq!(TokenLine::find(piece), None, "{piece:?}");
+                assert_eq!(kernel_panic(piece), None, "{piece:?}");
+            }
+            for t in TRIGGERS {
+                assert!(!mirrored.contains(t), "{mirrored:?} contains {t:?}");
+            }
+        }
+        assert_eq!(
+            mirror_output("FERRY-AGENT x"),
+            "| FERRY\\-AGENT x",
+            "escaped, still readable"
+        );
+        assert_eq!(mirror_output("plain ünïcode"), "| plain ünïcode");
+    }
+
+    #[test]
+    fn kernel_panics_only_in_the_kernels_format() {
+        let yes = [
+            "[    5.123456] Kernel panic - not syncing: VFS: Unable to mount root fs\r",
+            "[12345.000001] Kernel panic - not syncing: Attempted to kill init!",
+            "\x1b[0mKernel panic - not syncing: Fatal exception",
+        ];
+        for line in yes {
+            assert!(kernel_panic(line).is_some(), "{line:?}");
+        }
+        let no = [
+            "[    5.123456] ---[ end Kernel panic - not syncing: VFS ]---",
+            "test says: Kernel panic - not syncing",
+            "| Kernel panic \\- not syncing",
+            "[ 5.1x] Kernel panic - not syncing",
+            "[    5.123456]Kernel panic - not syncing",
+            "",
+        ];
+        for line in no {
+            assert_eq!(kernel_panic(line), None, "{line:?}");
+        }
     }
 
     #[test]
@@ -287,6 +457,6 @@ mod tests {
             boot: "b1".into(),
             token: "abcdef".into(),
         };
-        assert_eq!(TokenLine::find(&format!("noise {t}\n")), Some(Ok(t)));
+        assert_eq!(TokenLine::find(&format!("\r{t}\n")), Some(Ok(t)));
     }
 }

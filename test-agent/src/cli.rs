@@ -113,15 +113,16 @@ fn run(args: RunArgs) -> ExitCode {
     // Steps run in their own folders: the root must not depend on ours.
     let root = std::path::absolute(&args.root).unwrap_or(args.root.clone());
     let mirror = Mirror::start(console);
-    mirror.line(
+    // A leading newline: agent lines count only at the start of a console line.
+    mirror.line(format!(
+        "\n{}",
         Announcement {
             role: Role::Test,
             version: VERSION.into(),
             boot: boot.clone(),
             addr: None,
         }
-        .to_string(),
-    );
+    ));
 
     let code = match run_recorded(&root, &boot, &mirror, args.kmsg) {
         Ok(()) => ExitCode::SUCCESS,

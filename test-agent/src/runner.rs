@@ -276,7 +276,7 @@ fn record_line(
         stream,
         line: line.clone(),
     })?;
-    mirror.line(line);
+    mirror.line(ferry_proto::console::mirror_output(&line));
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ferry_proto::console::{Announcement, TokenLine};
+use ferry_proto::console::{kernel_panic, Announcement, TokenLine};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -18,10 +18,6 @@ use tokio::time::Instant;
 use crate::device::Console as Spec;
 use crate::events::EventLog;
 use crate::outcome::Failure;
-
-/// Kernel text that means the board will not get anywhere by itself. (Its
-/// closing `---[ end Kernel panic` line repeats it and is not a new panic.)
-const PANIC_MARKER: &str = "Kernel panic - not syncing";
 
 /// What the console reader saw.
 #[derive(Debug)]
@@ -198,8 +194,10 @@ impl Console {
                     return Signal::Closed(reason);
                 }
                 Seen::Line(line) => {
-                    if line.contains(PANIC_MARKER) && !line.contains("---[ end Kernel panic") {
-                        return Signal::Panic(line.trim().to_string());
+                    // Only the kernel's own line: test output that mentions a
+                    // panic (kernel test suites print them) is not one.
+                    if let Some(panic) = kernel_panic(&line) {
+                        return Signal::Panic(panic.to_string());
                     }
                     match Announcement::find(&line) {
                         Some(Ok(a)) => return Signal::Announce(a),
@@ -324,7 +322,7 @@ mod tests {
         let line = announcement().to_string();
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
-            let mut noise = b"[    1.0] virtio_net\r\n\x1b[0m\x00\xff".to_vec();
+            let mut noise = b"[    1.0] virtio_net\r\n\x00\xff\r\n\x1b[0m".to_vec();
             noise.extend_from_slice(format!("{}[ 1.1] cut\r\n{line}\r\n", &line[..30]).as_bytes());
             s.write_all(&noise).await.expect("write");
             let mut lines = tokio::io::BufReader::new(s).lines();
