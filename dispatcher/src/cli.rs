@@ -59,7 +59,15 @@ pub fn main() -> ExitCode {
             output,
             job,
         } => {
-            let outcome = runtime.block_on(crate::run::run(&job, &device, &output));
+            // A panic outside the job's steps (which run::run catches itself)
+            // still powers the board off and writes the outcome.
+            let outcome = runtime.block_on(async {
+                let (j, d, o) = (job.clone(), device.clone(), output.clone());
+                match tokio::spawn(async move { crate::run::run(&j, &d, &o).await }).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => crate::run::after_panic(&device, &output, e).await,
+                }
+            });
             ExitCode::from(outcome.class.exit_code())
         }
     }

@@ -63,6 +63,10 @@ pub struct Network {
     /// Network namespace (by name, under /run/netns, or a path) the board's
     /// network lives in; the dispatcher dials the agent from inside it.
     pub namespace: Option<String>,
+    /// The master agent's address (`ip:port`). When given, the dispatcher
+    /// dials only this address; otherwise it pins the address of the job's
+    /// first master announcement. Either way it never dials another.
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// Device timeouts: every wait on the board has one.
@@ -214,6 +218,19 @@ mod tests {
         );
         assert_eq!(d.timeouts.rpc, Duration::from_secs(30));
         assert_eq!(d.test_rootfs, "testrootfs");
+        assert_eq!(d.network.address, None);
+    }
+
+    #[test]
+    fn a_pinned_address_is_checked() {
+        let d = load(&format!("{GOOD}network: {{address: '192.0.2.2:7070'}}\n")).expect("ok");
+        assert_eq!(d.network.address, Some("192.0.2.2:7070".parse().expect("addr")));
+        let e = load(&format!("{GOOD}network: {{address: 'board:7070'}}\n")).expect_err("bad");
+        assert!(
+            e.message.contains(":5:") && e.message.contains("network.address"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

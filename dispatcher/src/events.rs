@@ -44,6 +44,27 @@ impl EventLog {
         })
     }
 
+    /// Opens the log files in `dir` to append to what is there (after a
+    /// dispatcher failure: what was logged so far is kept).
+    ///
+    /// # Errors
+    /// When they cannot be opened.
+    pub fn append(dir: &Path) -> std::io::Result<Self> {
+        let open = |name| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .map(BufWriter::new)
+        };
+        Ok(EventLog {
+            inner: Mutex::new(Files {
+                events: open("events.jsonl")?,
+                console: open("console.log")?,
+            }),
+        })
+    }
+
     fn write(&self, at: SystemTime, source: &str, fields: Value) {
         let mut obj = Map::new();
         obj.insert("ts".into(), json!(timestamp(at)));

@@ -3,7 +3,7 @@
 //! | class | exit code | meaning |
 //! | --- | --- | --- |
 //! | `complete` | 0 | the job ran; test results may pass or fail |
-//! | (internal error) | 1 | a bug in the dispatcher itself |
+//! | `internal-error` | 1 | a bug in the dispatcher itself (board still powered off, outputs written) |
 //! | `job-error` | 2 | the job or device file is wrong |
 //! | `infrastructure-error` | 3 | the lab failed (power, console, agent, network) |
 //! | `test-error` | 4 | the software under test broke the run |
@@ -27,6 +27,8 @@ pub enum Class {
     TestError,
     /// Stopped by a signal.
     Canceled,
+    /// A bug in the dispatcher itself; the board was still powered off.
+    InternalError,
 }
 
 impl Class {
@@ -38,6 +40,7 @@ impl Class {
             Class::InfrastructureError => 3,
             Class::TestError => 4,
             Class::Canceled => 5,
+            Class::InternalError => INTERNAL_ERROR_EXIT,
         }
     }
 
@@ -49,6 +52,7 @@ impl Class {
             Class::InfrastructureError => "infrastructure-error",
             Class::TestError => "test-error",
             Class::Canceled => "canceled",
+            Class::InternalError => "internal-error",
         }
     }
 }
@@ -78,6 +82,13 @@ impl Failure {
     pub fn infra(message: impl Into<String>) -> Self {
         Failure {
             class: Class::InfrastructureError,
+            message: message.into(),
+        }
+    }
+    /// A bug in the dispatcher.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Failure {
+            class: Class::InternalError,
             message: message.into(),
         }
     }
@@ -120,6 +131,7 @@ mod tests {
             (Class::InfrastructureError, 3, "infrastructure-error"),
             (Class::TestError, 4, "test-error"),
             (Class::Canceled, 5, "canceled"),
+            (Class::InternalError, 1, "internal-error"),
         ];
         for (class, code, name) in all {
             assert_eq!((class.exit_code(), class.name()), (code, name));

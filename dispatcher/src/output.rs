@@ -44,14 +44,49 @@ pub struct Report<'a> {
     pub started: SystemTime,
 }
 
+/// The files [`write`] produces, `outcome.json` last.
+const FILES: [&str; 4] = ["results.json", "junit.xml", "summary.txt", "outcome.json"];
+
+/// Removes a previous run's files from a reused output folder, so a job that
+/// dies before [`write`] can never show another job's outcome.
+///
+/// # Errors
+/// When one exists and cannot be removed.
+pub fn clear(out: &Path) -> std::io::Result<()> {
+    for name in FILES {
+        match std::fs::remove_file(out.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir_all(out.join(BOARD_DIR)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The folder, inside the output folder, the board's record files go to.
+pub const BOARD_DIR: &str = "board";
+
+/// Writes `name` in `out` atomically (a temporary file renamed into place):
+/// a reader never sees half a file, even if the dispatcher dies mid-write.
+fn put(out: &Path, name: &str, text: &[u8]) -> std::io::Result<()> {
+    let mut tmp = tempfile::NamedTempFile::new_in(out)?;
+    tmp.write_all(text)?;
+    tmp.as_file().sync_data()?;
+    tmp.persist(out.join(name)).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Writes the folder's files and prints the summary. Best effort: a file
 /// that cannot be written must not hide the exit code.
 pub fn write(r: &Report) {
     let results = serde_json::to_string_pretty(r.results).unwrap_or_else(|_| "[]".into());
-    let _ = std::fs::write(r.out.join("results.json"), results + "\n");
-    let _ = std::fs::write(
-        r.out.join("junit.xml"),
-        report::junit(r.job.unwrap_or(""), r.results),
+    let _ = put(r.out, "results.json", (results + "\n").as_bytes());
+    let _ = put(
+        r.out,
+        "junit.xml",
+        report::junit(r.job.unwrap_or(""), r.results).as_bytes(),
     );
     let counts = Counts::of(r.results);
     let outcome = json!({
@@ -67,9 +102,10 @@ pub fn write(r: &Report) {
         "warnings": r.warnings,
     });
     let text = serde_json::to_string_pretty(&outcome).unwrap_or_default();
-    let _ = std::fs::write(r.out.join("outcome.json"), text + "\n");
     let summary = summary(r);
-    let _ = std::fs::write(r.out.join("summary.txt"), &summary);
+    let _ = put(r.out, "summary.txt", summary.as_bytes());
+    // Last: a scheduler that sees outcome.json sees the rest too.
+    let _ = put(r.out, "outcome.json", (text + "\n").as_bytes());
     // A closed stdout (a scheduler that stopped reading) is not an error.
     let _ = std::io::stdout().write_all(summary.as_bytes());
 }

@@ -3,6 +3,7 @@
 //! fetch the records, write the output folder, power off. Every path ends
 //! with the board powered off and the output folder written.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -57,6 +58,9 @@ struct Progress {
     tested: bool,
     boots: Vec<Boot>,
     records: Vec<Record>,
+    /// The only address the dispatcher dials: the device file's, else the
+    /// job's first master announcement's.
+    pinned: Option<SocketAddr>,
 }
 
 /// One job's run.
@@ -73,6 +77,7 @@ impl Ctx {
         self.progress.lock().ok().map(|mut p| f(&mut p))
     }
     fn set_phase(&self, p: Phase) {
+        injected_panic(p);
         self.progress(|s| {
             s.phase = Some(p);
             s.tested |= p == Phase::Test;
@@ -82,6 +87,23 @@ impl Ctx {
     }
     fn phase(&self) -> Phase {
         self.progress(|s| s.phase).flatten().unwrap_or(Phase::Power)
+    }
+    /// Whether a master announcement names the pinned address (pinning it
+    /// when nothing is pinned yet). Another address is never dialed: the
+    /// line may come from anything that can write to the console.
+    fn pins(&self, a: &Announcement) -> bool {
+        let Some(addr) = a.addr else { return false };
+        let pinned = self
+            .progress(|s| *s.pinned.get_or_insert(addr))
+            .unwrap_or(addr);
+        if pinned != addr {
+            self.events.event(
+                "dispatcher",
+                json!({ "kind": "ignored-announcement", "boot": a.boot, "addr": addr.to_string(),
+                    "message": format!("a master announcement names {addr}, but the board is pinned at {pinned}: ignored") }),
+            );
+        }
+        pinned == addr
     }
     fn saw(&self, a: &Announcement) {
         let role = a.role.as_str();
@@ -101,7 +123,7 @@ impl Ctx {
     }
 }
 
-/// A fresh token for this job: 244 random bits.
+/// A fresh token for one boot: 244 random bits.
 fn new_token() -> String {
     format!(
         "{}{}",
@@ -128,11 +150,12 @@ async fn next_master(
     loop {
         match console.next_signal(deadline, &ctx.events).await {
             Signal::Announce(a) if a.role == Role::Test => ctx.saw(&a),
-            Signal::Announce(a) if Some(a.boot.as_str()) != not => {
+            Signal::Announce(a) if Some(a.boot.as_str()) != not && ctx.pins(&a) => {
                 ctx.saw(&a);
                 return Ok(a);
             }
-            Signal::Announce(_) => {} // the previous boot, still repeating itself
+            // The previous boot still repeating itself, or an address we do not dial.
+            Signal::Announce(_) => {}
             Signal::Panic(line) => return Err(Interrupted::Panic(line)),
             Signal::Closed(why) => return Err(Interrupted::Closed(why)),
             Signal::Timeout => return Err(Interrupted::Timeout),
@@ -164,34 +187,36 @@ async fn wait_master(
         })
 }
 
-/// Hands the boot its token and opens an authenticated session.
+/// How often the token line is written again until the boot authenticates:
+/// a line garbled on the console is simply ignored by the agent.
+const TOKEN_REPEAT: Duration = Duration::from_secs(1);
+
+/// Hands the boot a fresh token and opens an authenticated session.
 async fn authenticate(
     ctx: &Ctx,
     console: &mut Console,
     a: &Announcement,
-    token: &str,
 ) -> Result<Session, Failure> {
     let rpc = ctx.device.timeouts.rpc;
     let addr = a
         .addr
         .ok_or_else(|| Failure::infra("master announcement without an address"))?;
-    console
-        .send_token(
-            &TokenLine {
-                boot: a.boot.clone(),
-                token: token.into(),
-            },
-            rpc,
-        )
-        .await?;
+    let token = new_token();
+    let line = TokenLine {
+        boot: a.boot.clone(),
+        token: token.clone(),
+    };
+    console.send_token(&line, rpc).await?;
     ctx.events.say(
         "dispatcher",
         format!("token sent to boot {}; connecting to {addr}", a.boot),
     );
     let mut session =
-        Session::connect(addr, ctx.device.network.namespace.clone(), token, rpc).await?;
-    // The agent reads the token from its console concurrently: poll until it has.
+        Session::connect(addr, ctx.device.network.namespace.clone(), &token, rpc).await?;
+    // The agent reads the token from its console concurrently: poll until it
+    // has, writing the line again now and then in case it was garbled.
     let deadline = Instant::now() + rpc;
+    let mut repeat = Instant::now() + TOKEN_REPEAT;
     loop {
         match session.info().await {
             Ok(info) => {
@@ -207,6 +232,10 @@ async fn authenticate(
                 return Ok(session);
             }
             Err(s) if s.code() == tonic::Code::Unauthenticated && Instant::now() < deadline => {
+                if Instant::now() >= repeat {
+                    console.send_token(&line, rpc).await?;
+                    repeat = Instant::now() + TOKEN_REPEAT;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(s) => return Err(crate::client::failure("GetInfo", &s)),
@@ -222,8 +251,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
 
     ctx.set_phase(Phase::Boot);
     let master = wait_master(ctx, &mut console, None, d.timeouts.announce).await?;
-    let token = new_token();
-    let mut session = authenticate(ctx, &mut console, &master, &token).await?;
+    let mut session = authenticate(ctx, &mut console, &master).await?;
 
     ctx.set_phase(Phase::Deploy);
     let deploy_deadline = Instant::now() + ctx.job.timeouts.deploy;
@@ -297,23 +325,11 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
             )
         }
     };
-    let test_booted = ctx
-        .progress(|s| s.boots.iter().any(|b| b.role == Role::Test.as_str()))
-        .unwrap_or(false);
-    if !test_booted && problem.is_none() {
-        problem = Some(Failure::test(
-            "the board came back to its master image without the test agent ever announcing itself",
-        ));
-    }
 
     ctx.set_phase(Phase::Fetch);
-    let mut session = authenticate(ctx, &mut console, &back, &token).await?;
-    let board_dir = ctx.out.join("board");
-    // An output folder may be reused: only this job's records may be read back.
-    if board_dir.exists() {
-        std::fs::remove_dir_all(&board_dir)
-            .map_err(|e| Failure::infra(format!("clearing {}: {e}", board_dir.display())))?;
-    }
+    let mut session = authenticate(ctx, &mut console, &back).await?;
+    // A reused output folder's old records were cleared at the start.
+    let board_dir = ctx.out.join(output::BOARD_DIR);
     let fetched = session.fetch(part, &board_dir, d.timeouts.fetch).await;
     load_records(ctx, &board_dir);
     let files = fetched?;
@@ -322,7 +338,29 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
         format!("fetched {} record file(s)", files.len()),
     );
 
+    // Whether the test image booted and finished is decided by the test
+    // agent's own records; its console announcement is only a hint (a lost
+    // or garbled line must not fail a job that ran).
     let records = ctx.progress(|s| s.records.clone()).unwrap_or_default();
+    let ran = records
+        .iter()
+        .any(|r| matches!(r.body, Body::AgentStarted { .. }));
+    let announced = ctx
+        .progress(|s| s.boots.iter().any(|b| b.role == Role::Test.as_str()))
+        .unwrap_or(false);
+    if problem.is_none() && !ran {
+        problem = Some(Failure::test(if announced {
+            "the test agent announced itself but recorded nothing".to_string()
+        } else {
+            "the board came back to its master image without the test agent ever running".to_string()
+        }));
+    }
+    if ran && !announced {
+        ctx.events.say(
+            "dispatcher",
+            "the test agent's console announcement was not seen; its records show it ran",
+        );
+    }
     if problem.is_none()
         && !records
             .iter()
@@ -387,6 +425,59 @@ fn load_records(ctx: &Ctx, dir: &Path) {
     ctx.progress(|s| s.records = all);
 }
 
+/// What a failed steps task says: its panic message, for the outcome.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .map_or_else(|| "panic".into(), |m| format!("panic: {m}"))
+}
+
+/// The last resort when [`run`] itself panicked: power the board off and
+/// write the outcome, so the scheduler still gets an answer and a board that
+/// is off.
+pub async fn after_panic(device_path: &Path, out: &Path, e: tokio::task::JoinError) -> Outcome {
+    let outcome = Outcome::from(Failure::internal(format!(
+        "the dispatcher failed: {}",
+        panic_message(e)
+    )));
+    let Ok(events) = EventLog::append(out) else {
+        return outcome;
+    };
+    events.say("dispatcher", &outcome.message);
+    let device = Device::load(device_path).ok();
+    if let Some(d) = &device {
+        if let Err(f) = power::off(d, &events).await {
+            events.say("dispatcher", format!("power off failed: {}", f.message));
+        }
+    }
+    output::write(&output::Report {
+        out,
+        job: None,
+        device: device.as_ref().map(|d| d.name.as_str()),
+        warnings: &[],
+        outcome: &outcome,
+        boots: &[],
+        results: &[],
+        started: SystemTime::now(),
+    });
+    outcome
+}
+
+/// Fault injection for tests of the dispatcher's own failure path: with
+/// `FERRY_DISPATCHER_PANIC_AT=<phase>` the dispatcher panics on entering
+/// that phase (`deploy`, `install`, `test`, `fetching results`...).
+fn injected_panic(phase: Phase) {
+    if std::env::var("FERRY_DISPATCHER_PANIC_AT").is_ok_and(|p| p == phase.name()) {
+        panic!("injected by FERRY_DISPATCHER_PANIC_AT={}", phase.name());
+    }
+}
+
 /// Waits for SIGTERM or SIGINT.
 async fn cancelled() -> &'static str {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -402,7 +493,7 @@ async fn cancelled() -> &'static str {
 /// Runs `job` on `device`, writing everything to `out`.
 pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
     let started = SystemTime::now();
-    if let Err(e) = std::fs::create_dir_all(out) {
+    if let Err(e) = std::fs::create_dir_all(out).and_then(|()| output::clear(out)) {
         return Outcome {
             class: Class::JobError,
             message: format!("output folder {}: {e}", out.display()),
@@ -447,17 +538,31 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
     for w in &job.warnings {
         events.say("dispatcher", format!("warning: {w}"));
     }
-    let ctx = Ctx {
+    let ctx = Arc::new(Ctx {
+        progress: Mutex::new(Progress {
+            pinned: device.network.address,
+            ..Progress::default()
+        }),
         device,
         job,
         out: out.into(),
         events: events.clone(),
-        progress: Mutex::new(Progress::default()),
-    };
+    });
     let job_timeout = ctx.job.timeouts.job;
+    // The steps run as their own task so that a bug (a panic) in them still
+    // ends here: the board is powered off and the output folder written.
+    let mut task = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { steps(&ctx).await }
+    });
     let result = tokio::select! {
-        r = tokio::time::timeout(job_timeout, steps(&ctx)) => match r {
-            Ok(r) => r,
+        r = tokio::time::timeout(job_timeout, &mut task) => match r {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Failure::internal(format!(
+                "the dispatcher failed during {}: {}",
+                ctx.phase().name(),
+                panic_message(e)
+            ))),
             Err(_) => {
                 let phase = ctx.phase();
                 let msg = format!("job timeout ({job_timeout:?}) reached during {}", phase.name());
@@ -466,6 +571,7 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
         },
         sig = cancelled() => Err(Failure { class: Class::Canceled, message: format!("canceled by {sig}") }),
     };
+    task.abort();
     ctx.set_phase(Phase::Done);
     let mut outcome = match result {
         Ok(()) => Outcome {

@@ -155,8 +155,15 @@ impl Layout {
                 String::from_utf8_lossy(&out.stderr).into(),
             ));
         }
-        let config = "# Master agent config of a simulated board (written by ferry-sim-board).
-listen: 127.0.0.1:0
+        // A real board keeps its address across boots (the dispatcher pins
+        // it), so the board gets a port now and keeps it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(io(&self.dir))?
+            .port();
+        let config = format!(
+            "# Master agent config of a simulated board (written by ferry-sim-board).
+listen: 127.0.0.1:{port}
 test_agent_bundle: test-agent.tar.gz
 boot_flag_partition: bootsel
 # What jobs may name; bootsel (and any boot_partitions) never.
@@ -165,10 +172,11 @@ announce_interval: 1s
 platform:
   sim:
     partitions:
-      bootsel: {file: parts/bootsel}
-      testrootfs: {dir: parts/testrootfs}
-      firmware: {file: parts/firmware}
-";
+      bootsel: {{file: parts/bootsel}}
+      testrootfs: {{dir: parts/testrootfs}}
+      firmware: {{file: parts/firmware}}
+"
+        );
         let path = self.agent_config();
         std::fs::write(&path, config).map_err(io(&path))?;
         let board = serde_norway::to_string(&BoardFile {

@@ -94,6 +94,7 @@ impl Run {
             "infrastructure-error" => 3,
             "test-error" => 4,
             "canceled" => 5,
+            "internal-error" => 1,
             other => panic!("no outcome class {other:?}"),
         };
         assert_eq!(self.code(), Some(code), "{}", self.dump());
@@ -170,7 +171,13 @@ impl Run {
 
 /// Runs `dispatcher run` as a separate process.
 pub fn dispatch(device: &Path, job: &Path, out: &Path) -> Run {
+    dispatch_env(device, job, out, &[])
+}
+
+/// Runs `dispatcher run` as a separate process with `env` added.
+pub fn dispatch_env(device: &Path, job: &Path, out: &Path, env: &[(&str, &str)]) -> Run {
     let output = Command::new(bin("dispatcher"))
+        .envs(env.iter().copied())
         .arg("run")
         .arg("--device")
         .arg(device)
@@ -221,11 +228,16 @@ impl SimBoard {
 
     /// Runs a job file on this board.
     pub fn run(&self, job: &Path) -> Run {
+        self.run_env(job, &[])
+    }
+
+    /// Runs a job file on this board, with `env` added to the dispatcher's.
+    pub fn run_env(&self, job: &Path, env: &[(&str, &str)]) -> Run {
         let out = self.tmp.path().join(format!(
             "out-{}",
             job.file_stem().and_then(|s| s.to_str()).unwrap_or("job")
         ));
-        dispatch(&self.device, job, &out)
+        dispatch_env(&self.device, job, &out, env)
     }
 
     /// Writes a job file next to the example jobs' assets and returns its path.
