@@ -139,6 +139,15 @@ fn smoke_job_on_the_virtual_board() {
         run.text("console.log").contains("Linux version 6.1"),
         "a real kernel booted"
     );
+    // Each guest reboot reset the board: a new QEMU process behind the same
+    // console (which saw all three boots).
+    let log = std::fs::read_to_string(board.state.join("board.log")).expect("board.log");
+    let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(
+        (count(" guest guest-reset"), count(" power-on ")),
+        (2, 3),
+        "{log}"
+    );
     let events = run.text("events.jsonl");
     assert!(events.contains("\"line\":\"hello from Linux\""));
     // The test boot's kernel log is recorded too, from /dev/kmsg.
