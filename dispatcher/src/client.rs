@@ -250,7 +250,9 @@ impl Session {
         r.map(|_| ()).map_err(|s| failure("Reboot", &s))
     }
 
-    /// Fetches the records on `partition` into `dir`; returns the files written.
+    /// Fetches the records on `partition` into `dir`: the files written, and
+    /// a warning for each entry the agent refused or cut (a symlink, a FIFO,
+    /// a file past its size limit...).
     ///
     /// # Errors
     /// The mapped failure; files completed before it stay written.
@@ -259,7 +261,7 @@ impl Session {
         partition: &str,
         dir: &Path,
         timeout: Duration,
-    ) -> Result<Vec<String>, Failure> {
+    ) -> Result<Fetched, Failure> {
         let req = pb::FetchResultsRequest {
             partition: partition.into(),
         };
@@ -271,21 +273,30 @@ impl Session {
             .into_inner();
         std::fs::create_dir_all(dir)
             .map_err(|e| Failure::infra(format!("creating {}: {e}", dir.display())))?;
-        let mut files = Vec::new();
+        let mut fetched = Fetched::default();
         let mut current: Option<(String, std::fs::File)> = None;
         while let Some(chunk) = stream
             .message()
             .await
             .map_err(|s| failure("FetchResults", &s))?
         {
-            // Names come from the board: keep only a plain file name.
-            let name = Path::new(&chunk.path)
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .filter(|n| !n.starts_with('.'))
-                .ok_or_else(|| {
-                    Failure::infra(format!("agent sent a bad file name {:?}", chunk.path))
-                })?;
+            if let Some(r) = chunk.refused {
+                fetched.warnings.push(format!(
+                    "board record {:?} {}: {}",
+                    r.path,
+                    if r.truncated {
+                        "cut short"
+                    } else {
+                        "not fetched"
+                    },
+                    r.reason
+                ));
+                continue;
+            }
+            // Names come from the board: a plain name only, never a path.
+            let name = chunk.path;
+            ferry_proto::names::check(&name)
+                .map_err(|e| Failure::infra(format!("agent sent a bad record file name: {e}")))?;
             if current.as_ref().map(|(n, _)| n != &name).unwrap_or(true) {
                 let f = std::fs::File::create(dir.join(&name)).map_err(|e| {
                     Failure::infra(format!("writing {}: {e}", dir.join(&name).display()))
@@ -300,10 +311,19 @@ impl Session {
             if chunk.eof {
                 if let Some((n, f)) = current.take() {
                     let _ = f.sync_all();
-                    files.push(n);
+                    fetched.files.push(n);
                 }
             }
         }
-        Ok(files)
+        Ok(fetched)
     }
+}
+
+/// What a fetch brought back.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// Record files written, in the order they arrived.
+    pub files: Vec<String>,
+    /// What the agent refused or cut, one line each.
+    pub warnings: Vec<String>,
 }

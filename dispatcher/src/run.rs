@@ -61,6 +61,8 @@ struct Progress {
     /// The only address the dispatcher dials: the device file's, else the
     /// job's first master announcement's.
     pinned: Option<SocketAddr>,
+    /// Warnings learned while running (records the board refused to return).
+    warnings: Vec<String>,
 }
 
 /// One job's run.
@@ -332,10 +334,14 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     let board_dir = ctx.out.join(output::BOARD_DIR);
     let fetched = session.fetch(part, &board_dir, d.timeouts.fetch).await;
     load_records(ctx, &board_dir);
-    let files = fetched?;
+    let fetched = fetched?;
+    for w in &fetched.warnings {
+        ctx.events.say("dispatcher", format!("warning: {w}"));
+    }
+    ctx.progress(|s| s.warnings.extend(fetched.warnings.iter().cloned()));
     ctx.events.say(
         "dispatcher",
-        format!("fetched {} record file(s)", files.len()),
+        format!("fetched {} record file(s)", fetched.files.len()),
     );
 
     // Whether the test image booted and finished is decided by the test
@@ -589,9 +595,17 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
             };
         }
     }
-    let (records, boots, tested) = ctx
-        .progress(|s| (s.records.clone(), s.boots.clone(), s.tested))
+    let (records, boots, tested, learned) = ctx
+        .progress(|s| {
+            (
+                s.records.clone(),
+                s.boots.clone(),
+                s.tested,
+                s.warnings.clone(),
+            )
+        })
         .unwrap_or_default();
+    let warnings: Vec<String> = ctx.job.warnings.iter().cloned().chain(learned).collect();
     let results = report::results(&ctx.job.plan, &records, tested);
     events.event(
         "dispatcher",
@@ -601,7 +615,7 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
         out,
         job: Some(&ctx.job.name),
         device: Some(&ctx.device.name),
-        warnings: &ctx.job.warnings,
+        warnings: &warnings,
         outcome: &outcome,
         boots: &boots,
         results: &results,

@@ -441,21 +441,23 @@ impl Agent {
         Ok(())
     }
 
-    /// Streams the records on `partition` into `tx` as (file, bytes, last).
+    /// Streams the records on `partition` into `tx`, within the configured
+    /// limits, with a refusal for everything not returned in full.
     ///
     /// # Errors
     /// Phase, busy partition, mount or read errors.
     pub async fn fetch(
         self: &Arc<Self>,
         partition: String,
-        tx: mpsc::Sender<(String, Vec<u8>, bool)>,
+        tx: mpsc::Sender<results::Item>,
     ) -> Result<(), AgentError> {
         let _claim = self.claim(&partition, "fetch results")?;
         let platform = self.platform.clone();
+        let limits = self.config.records.clone();
         blocking(move || {
             let mounted = platform.mount(&partition, false)?;
-            results::for_each_chunk(mounted.path(), |name, bytes, last| {
-                tx.blocking_send((name.to_string(), bytes, last)).is_ok()
+            results::for_each_item(mounted.path(), &limits, |item| {
+                tx.blocking_send(item).is_ok()
             })?;
             mounted.unmount()?;
             Ok(())

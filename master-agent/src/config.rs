@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::platform::linux::LinuxConfig;
 use crate::platform::sim::{SimConfig, SimPartition};
+use crate::results::RecordLimits;
 
 /// Which platform the agent drives.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -63,6 +64,10 @@ pub struct Config {
     /// How long the dispatcher may pause inside a deploy stream.
     #[serde(default = "default_idle", with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
+    /// How much FetchResults returns: `{max_file_bytes, max_total_bytes,
+    /// max_files}`, defaults 1 GiB, 2 GiB, 1000.
+    #[serde(default)]
+    pub records: RecordLimits,
     /// Delay between replying to Reboot and rebooting, so the reply gets out.
     #[serde(default = "default_reboot_delay", with = "humantime_serde")]
     pub reboot_delay: Duration,

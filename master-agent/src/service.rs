@@ -16,6 +16,7 @@ use crate::agent::{Agent, AgentError};
 use crate::deploy::{Compression, DeployError, ImageSpec, SOURCE_BROKE};
 use crate::install::InstallError;
 use crate::platform::PlatformError;
+use crate::results::Item;
 
 impl From<AgentError> for Status {
     fn from(e: AgentError) -> Status {
@@ -236,12 +237,31 @@ impl MasterAgent for Service {
         tokio::spawn(async move {
             let forward = async {
                 let mut rx = ReceiverStream::new(rx);
-                while let Some((path, data, eof)) = rx.next().await {
-                    if out_tx
-                        .send(Ok(pb::ResultsChunk { path, data, eof }))
-                        .await
-                        .is_err()
-                    {
+                while let Some(item) = rx.next().await {
+                    let chunk = match item {
+                        Item::Chunk { name, data, eof } => pb::ResultsChunk {
+                            path: name,
+                            data,
+                            eof,
+                            refused: None,
+                        },
+                        Item::Refused {
+                            name,
+                            reason,
+                            truncated,
+                        } => {
+                            tracing::warn!(%name, %reason, "record refused");
+                            pb::ResultsChunk {
+                                refused: Some(pb::Refusal {
+                                    path: name,
+                                    reason,
+                                    truncated,
+                                }),
+                                ..Default::default()
+                            }
+                        }
+                    };
+                    if out_tx.send(Ok(chunk)).await.is_err() {
                         return;
                     }
                 }

@@ -50,7 +50,7 @@ impl Agent {
              allowed_partitions: [small, testrootfs, gone]\nboot_partitions: [masterroot]\n\
              platform:\n  sim:\n    partitions:\n      bootsel: {file: bootsel}\n      small: {file: small}\n\
              \x20     testrootfs: {dir: root}\n      masterroot: {file: masterroot}\n      unlisted: {file: unlisted}\n\
-             \x20   mountinfo: mountinfo\n",
+             \x20   mountinfo: mountinfo\nrecords: {max_file_bytes: 65536}\n",
         )
         .expect("w");
         std::fs::write(d.join("mountinfo"), ROOT_MOUNT).expect("w");
@@ -613,4 +613,81 @@ async fn a_claimed_or_mounted_block_device_is_refused_before_a_byte() {
     lo.unmount();
     call(&mut c2).await.expect("free device");
     assert_eq!(&lo.head()[..100], &image[..]);
+}
+
+#[tokio::test]
+async fn hostile_records_are_refused_and_reported_and_the_fetch_completes() {
+    let mut agent = Agent::start();
+    agent.send_token("boot-1", "t");
+    agent.wait_for("token accepted");
+    let mut c = agent.client().await;
+    let rec = agent.dir.path().join("root/ferry/records");
+    std::fs::create_dir_all(&rec).expect("mkdir");
+    let torn = b"{\"kind\":\"agent-started\"}\n{\"kind\":\"resu".to_vec();
+    std::fs::write(rec.join("records.jsonl"), &torn).expect("w");
+    let binary = vec![0xc3, 0x28, 0xff, 0x00, b'\n'];
+    std::fs::write(rec.join("z.bin"), &binary).expect("w");
+    std::fs::File::create(rec.join("sparse"))
+        .expect("create")
+        .set_len(10 << 30)
+        .expect("10 GiB sparse");
+    nix::unistd::mkfifo(&rec.join("fifo"), nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    std::fs::write(agent.dir.path().join("secret"), "master's own").expect("w");
+    std::os::unix::fs::symlink("../../../secret", rec.join("escape")).expect("symlink");
+
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.fetch_results(authed(
+            pb::FetchResultsRequest {
+                partition: "testrootfs".into(),
+            },
+            "t",
+        )),
+    )
+    .await
+    .expect("no hang")
+    .expect("fetch")
+    .into_inner();
+    let mut files: Vec<(String, Vec<u8>, bool)> = Vec::new();
+    let mut refused = Vec::new();
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("no hang")
+        .expect("stream")
+    {
+        if let Some(r) = m.refused {
+            refused.push((r.path, r.reason, r.truncated));
+            continue;
+        }
+        match files.last_mut() {
+            Some(f) if f.0 == m.path && !f.2 => {
+                f.1.extend_from_slice(&m.data);
+                f.2 = m.eof;
+            }
+            _ => files.push((m.path, m.data, m.eof)),
+        }
+    }
+    let got: Vec<_> = files
+        .iter()
+        .map(|f| (f.0.as_str(), f.1.len(), f.2))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("records.jsonl", torn.len(), true),
+            ("sparse", 65536, true),
+            ("z.bin", 5, true)
+        ]
+    );
+    assert_eq!(files[0].1, torn, "a torn last record comes back as it is");
+    assert_eq!(files[2].1, binary, "invalid UTF-8 comes back byte-exact");
+    let reasons: Vec<_> = refused.iter().map(|r| (r.0.as_str(), r.2)).collect();
+    assert_eq!(
+        reasons,
+        [("escape", false), ("fifo", false), ("sparse", true)],
+        "{refused:?}"
+    );
+    assert!(refused[0].1.contains("symlink"), "{refused:?}");
+    assert!(refused[1].1.contains("FIFO"), "{refused:?}");
+    assert!(refused[2].1.contains("65536 of 10737418240"), "{refused:?}");
 }

@@ -388,3 +388,42 @@ fn the_console_can_be_reached_through_ser2net_raw() {
 fn the_console_can_be_reached_through_ser2net_telnet() {
     through_ser2net(true);
 }
+
+#[test]
+fn hostile_records_are_refused_with_warnings_and_the_job_completes() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "hostile.yaml",
+        r#"job: hostile
+timeouts: {test: 1m}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: hostile}
+        run:
+          steps:
+            - d=$(dirname "$FERRY_RECORDS"); mkfifo "$d/fifo"; ln -s /etc/passwd "$d/passwd"; printf '\303\050\377' > "$d/junk.bin"
+            - lava-test-case after --result pass
+"#,
+    );
+    let run = board.run(&job);
+    run.expect_outcome("complete");
+    assert_eq!(
+        run.results(),
+        vec![r("hostile", "after", "pass"), r("lava", "hostile", "pass")],
+        "{}",
+        run.dump()
+    );
+    let warnings = run.json("outcome.json")["warnings"].to_string();
+    assert!(
+        warnings.contains("\\\"fifo\\\" not fetched: a FIFO")
+            && warnings.contains("\\\"passwd\\\" not fetched: a symlink"),
+        "{warnings}"
+    );
+    assert!(run.text("events.jsonl").contains("warning: board record"));
+    assert_eq!(
+        std::fs::read(run.dir.join("board/junk.bin")).expect("fetched"),
+        [0xc3, 0x28, 0xff],
+        "other files come back byte-exact"
+    );
+}
