@@ -125,6 +125,15 @@ impl Agent {
         std::fs::read(self.dir.path().join(name)).expect("read")
     }
 
+    /// A started agent that has accepted token "t", and a client.
+    async fn authed() -> (Self, MasterAgentClient<Channel>) {
+        let mut agent = Agent::start();
+        agent.send_token("boot-1", "t");
+        agent.wait_for("token accepted");
+        let c = agent.client().await;
+        (agent, c)
+    }
+
     async fn client(&self) -> MasterAgentClient<Channel> {
         let addr = self.announcement.addr.expect("addr");
         MasterAgentClient::connect(format!("http://{addr}"))
@@ -229,10 +238,7 @@ async fn calls_need_the_token_written_on_this_boots_console() {
 
 #[tokio::test]
 async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
-    let mut agent = Agent::start();
-    agent.send_token("boot-1", "t");
-    agent.wait_for("token accepted");
-    let mut c = agent.client().await;
+    let (agent, mut c) = Agent::authed().await;
 
     let e = c
         .set_boot_once(authed(
@@ -355,10 +361,7 @@ async fn a_later_different_token_line_does_not_replace_the_one_in_use() {
 
 #[tokio::test]
 async fn a_mounted_partition_or_an_unreadable_mount_table_is_never_written() {
-    let mut agent = Agent::start();
-    agent.send_token("boot-1", "t");
-    agent.wait_for("token accepted");
-    let mut c = agent.client().await;
+    let (agent, mut c) = Agent::authed().await;
     let table = agent.dir.path().join("mountinfo");
     let small = agent.dir.path().join("small");
     let image = vec![7u8; 100];
@@ -617,10 +620,7 @@ async fn a_claimed_or_mounted_block_device_is_refused_before_a_byte() {
 
 #[tokio::test]
 async fn hostile_records_are_refused_and_reported_and_the_fetch_completes() {
-    let mut agent = Agent::start();
-    agent.send_token("boot-1", "t");
-    agent.wait_for("token accepted");
-    let mut c = agent.client().await;
+    let (agent, mut c) = Agent::authed().await;
     let rec = agent.dir.path().join("root/ferry/records");
     std::fs::create_dir_all(&rec).expect("mkdir");
     let torn = b"{\"kind\":\"agent-started\"}\n{\"kind\":\"resu".to_vec();
