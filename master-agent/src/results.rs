@@ -158,7 +158,9 @@ fn open_plain(dir: &Dir, name: &str) -> std::io::Result<Result<(File, u64), Stri
 /// A missing records folder means the test agent never ran: no files.
 ///
 /// # Errors
-/// When the records folder or a file in it cannot be read.
+/// When the rootfs or the records folder's listing cannot be read (a file
+/// that cannot be read, or a folder that cannot be opened inside the
+/// rootfs, is a refusal instead).
 pub fn for_each_item(
     rootfs: &Path,
     limits: &RecordLimits,
@@ -189,7 +191,12 @@ pub fn for_each_item(
     let dir = match root.open_dir(RECORDS_DIR) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(err(RECORDS_DIR)(e)),
+        // A test image that replaced `ferry/` with a way out loses its records, not the job.
+        Err(e) => {
+            let why = format!("the records folder cannot be opened inside the test rootfs: {e}");
+            out.refuse(RECORDS_DIR, why, false);
+            return Ok(());
+        }
     };
 
     let mut entries = Vec::new();
@@ -234,7 +241,9 @@ pub fn for_each_item(
 
     let mut total = 0u64;
     for name in names {
-        let (file, len) = match open_plain(&dir, &name).map_err(err(&name))? {
+        let opened =
+            open_plain(&dir, &name).unwrap_or_else(|e| Err(format!("cannot be opened: {e}")));
+        let (file, len) = match opened {
             Ok(f) => f,
             Err(why) => {
                 if !out.refuse(&name, why, false) {
@@ -257,9 +266,14 @@ pub fn for_each_item(
         }
         let mut reader = file.take(limit);
         let mut sent = 0u64;
+        let mut broke = None;
         loop {
             let mut buf = vec![0u8; CHUNK];
-            let n = reader.read(&mut buf).map_err(err(&name))?;
+            // A read error ends the file where it broke, reported below.
+            let n = reader.read(&mut buf).unwrap_or_else(|e| {
+                broke = Some(e);
+                0
+            });
             buf.truncate(n);
             sent += n as u64;
             // End of file (or of what may be sent): an empty chunk marks it complete.
@@ -276,7 +290,12 @@ pub fn for_each_item(
             }
         }
         total += sent;
-        if len > sent {
+        if let Some(e) = broke {
+            let why = format!("truncated: reading failed after {sent} of {len} bytes: {e}");
+            if !out.refuse(&name, why, true) {
+                return Ok(());
+            }
+        } else if len > sent {
             let key = if limit < limits.max_file_bytes {
                 "records.max_total_bytes"
             } else {
@@ -302,10 +321,7 @@ mod tests {
     type Refusals = Vec<(String, String, bool)>;
 
     /// Collects the stream: files by name, and refusals.
-    fn fetch(
-        rootfs: &Path,
-        limits: &RecordLimits,
-    ) -> (Files, Refusals) {
+    fn fetch(rootfs: &Path, limits: &RecordLimits) -> (Files, Refusals) {
         let mut files: Files = Vec::new();
         let mut refused = Vec::new();
         let mut open = false;
@@ -441,6 +457,23 @@ mod tests {
         let (files, refused) = fetch(&root, &RecordLimits::default());
         assert!(files.is_empty());
         assert!(refused[0].1.contains("symlink"), "{refused:?}");
+    }
+
+    #[test]
+    fn a_ferry_folder_leading_out_of_the_rootfs_is_refused_not_followed() {
+        let t = tempfile::tempdir().expect("tmp");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(outside.join("records")).expect("mkdir");
+        std::fs::write(outside.join("records/records.jsonl"), "secret").expect("w");
+        let root = t.path().join("root");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, root.join("ferry")).expect("symlink");
+        let (files, refused) = fetch(&root, &RecordLimits::default());
+        assert!(files.is_empty(), "{files:?}");
+        assert!(
+            refused[0].1.contains("inside the test rootfs"),
+            "{refused:?}"
+        );
     }
 
     #[test]
