@@ -1,11 +1,12 @@
 //! The dispatcher's side of the master agent API: connect (through the
-//! board's network namespace), authenticate with the console-issued token,
-//! and give every call a deadline.
+//! board's network namespace, over TLS pinned to the announced certificate),
+//! authenticate with the console-issued token, and give every call a
+//! deadline.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_proto::console::Announcement;
 use ferry_proto::master::v1 as pb;
 use ferry_proto::master::v1::master_agent_client::MasterAgentClient;
 use hyper_util::rt::TokioIo;
@@ -15,12 +16,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
+use crate::device::Timeouts;
 use crate::job::{Compression, DeployEntry};
 use crate::netns;
 use crate::outcome::Failure;
+use crate::tls::{self, PinnedCert};
 
 /// Size of the chunks images are streamed in.
 const CHUNK: usize = 256 * 1024;
@@ -53,43 +56,82 @@ fn with_deadline<T>(msg: T, timeout: Duration) -> Request<T> {
     r
 }
 
+/// Opens a channel to the master agent an announcement names, through the
+/// board's network namespace, over TLS accepting only the certificate the
+/// announcement's fingerprint names.
+///
+/// # Errors
+/// An infrastructure error when the announcement has no address or
+/// fingerprint, the agent presents another certificate, or it cannot be
+/// reached within the `rpc` timeout.
+pub async fn channel(
+    a: &Announcement,
+    namespace: Option<String>,
+    timeouts: &Timeouts,
+) -> Result<Channel, Failure> {
+    let rpc = timeouts.rpc;
+    let addr = a
+        .addr
+        .ok_or_else(|| Failure::infra("master announcement without an address"))?;
+    let cert = a.cert.as_deref().ok_or_else(|| {
+        Failure::infra(format!(
+            "the master announcement of boot {} has no certificate fingerprint (cert=): \
+             the master agent is older than TLS support, or the line is not its own",
+            a.boot
+        ))
+    })?;
+    let pin = PinnedCert::new(cert);
+    let tls = ClientTlsConfig::new().domain_name(tls::SERVER_NAME);
+    let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| Failure::infra(format!("agent address {addr}: {e}")))?
+        .connect_timeout(rpc)
+        .tls_config_with_verifier(tls, pin.clone())
+        .map_err(|e| Failure::infra(format!("TLS configuration: {e}")))?;
+    // The board's link may come up a moment after the agent announces:
+    // retry refused or unreachable connections until the deadline.
+    let deadline = tokio::time::Instant::now() + rpc;
+    loop {
+        let ns = namespace.clone();
+        let connector = tower::service_fn(move |_| {
+            let ns = ns.clone();
+            async move {
+                netns::connect(addr, ns.as_deref(), rpc)
+                    .await
+                    .map(TokioIo::new)
+            }
+        });
+        match endpoint.connect_with_connector(connector).await {
+            Ok(channel) => return Ok(channel),
+            Err(_) if pin.refused().is_some() => {
+                return Err(Failure::infra(format!(
+                    "the agent at {addr} presented certificate sha256:{}, not sha256:{cert} \
+                     as announced on the console: refused",
+                    pin.refused().unwrap_or_default()
+                )));
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(Failure::infra(format!(
+                    "cannot connect to the master agent at {addr}: {e}"
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 impl Session {
-    /// Connects to the agent at `addr` with `token`.
+    /// Connects to the agent an announcement names (see [`channel`]); every
+    /// call carries `token`, inside TLS.
     ///
     /// # Errors
-    /// An infrastructure error when it cannot be reached within `rpc`.
+    /// See [`channel`].
     pub async fn connect(
-        addr: SocketAddr,
+        a: &Announcement,
         namespace: Option<String>,
         token: &str,
-        rpc: Duration,
+        timeouts: &Timeouts,
     ) -> Result<Self, Failure> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Failure::infra(format!("agent address {addr}: {e}")))?
-            .connect_timeout(rpc);
-        // The board's link may come up a moment after the agent announces:
-        // retry refused or unreachable connections until the deadline.
-        let deadline = tokio::time::Instant::now() + rpc;
-        let channel = loop {
-            let ns = namespace.clone();
-            let connector = tower::service_fn(move |_| {
-                let ns = ns.clone();
-                async move {
-                    netns::connect(addr, ns.as_deref(), rpc)
-                        .await
-                        .map(TokioIo::new)
-                }
-            });
-            match endpoint.connect_with_connector(connector).await {
-                Ok(channel) => break channel,
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Failure::infra(format!(
-                        "cannot connect to the master agent at {addr}: {e}"
-                    )));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        };
+        let channel = channel(a, namespace, timeouts).await?;
         let bearer: MetadataValue<_> = ferry_proto::bearer(token)
             .parse()
             .map_err(|_| Failure::infra("token is not valid metadata"))?;
@@ -100,7 +142,7 @@ impl Session {
         });
         Ok(Session {
             client: MasterAgentClient::with_interceptor(channel, auth),
-            rpc,
+            rpc: timeouts.rpc,
         })
     }
 

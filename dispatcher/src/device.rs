@@ -224,7 +224,10 @@ mod tests {
     #[test]
     fn a_pinned_address_is_checked() {
         let d = load(&format!("{GOOD}network: {{address: '192.0.2.2:7070'}}\n")).expect("ok");
-        assert_eq!(d.network.address, Some("192.0.2.2:7070".parse().expect("addr")));
+        assert_eq!(
+            d.network.address,
+            Some("192.0.2.2:7070".parse().expect("addr"))
+        );
         let e = load(&format!("{GOOD}network: {{address: 'board:7070'}}\n")).expect_err("bad");
         assert!(
             e.message.contains(":5:") && e.message.contains("network.address"),

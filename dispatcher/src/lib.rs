@@ -3,7 +3,7 @@
 //!
 //! Module map: [`run`] is the job from power-on to results; [`job`] and
 //! [`device`] read the user's files; [`power`], [`console`] and [`client`]
-//! (with [`netns`]) talk to the board; [`events`] and [`report`] write the
+//! (with [`netns`] and [`tls`]) talk to the board; [`events`] and [`report`] write the
 //! output folder ([`output`] the files schedulers read); [`outcome`] is
 //! the exit-code contract.
 
@@ -19,4 +19,5 @@ pub mod output;
 pub mod power;
 pub mod report;
 pub mod run;
+pub mod tls;
 pub mod yaml;

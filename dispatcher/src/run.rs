@@ -213,8 +213,13 @@ async fn authenticate(
         "dispatcher",
         format!("token sent to boot {}; connecting to {addr}", a.boot),
     );
-    let mut session =
-        Session::connect(addr, ctx.device.network.namespace.clone(), &token, rpc).await?;
+    let mut session = Session::connect(
+        a,
+        ctx.device.network.namespace.clone(),
+        &token,
+        &ctx.device.timeouts,
+    )
+    .await?;
     // The agent reads the token from its console concurrently: poll until it
     // has, writing the line again now and then in case it was garbled.
     let deadline = Instant::now() + rpc;
@@ -358,7 +363,8 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
         problem = Some(Failure::test(if announced {
             "the test agent announced itself but recorded nothing".to_string()
         } else {
-            "the board came back to its master image without the test agent ever running".to_string()
+            "the board came back to its master image without the test agent ever running"
+                .to_string()
         }));
     }
     if ran && !announced {

@@ -68,6 +68,9 @@ pub struct Config {
     /// max_files}`, defaults 1 GiB, 2 GiB, 1000.
     #[serde(default)]
     pub records: RecordLimits,
+    /// How long a client may take to finish its TLS handshake.
+    #[serde(default = "default_handshake", with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
     /// Delay between replying to Reboot and rebooting, so the reply gets out.
     #[serde(default = "default_reboot_delay", with = "humantime_serde")]
     pub reboot_delay: Duration,
@@ -90,6 +93,9 @@ fn default_announce() -> Duration {
 }
 fn default_idle() -> Duration {
     Duration::from_secs(60)
+}
+fn default_handshake() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_reboot_delay() -> Duration {
     Duration::from_millis(300)

@@ -20,6 +20,7 @@ pub mod install;
 pub mod platform;
 pub mod results;
 pub mod service;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::platform::linux::LinuxPlatform;
 use crate::platform::sim::SimPlatform;
 use crate::platform::Platform;
 use crate::service::Service;
+use crate::tls::TlsIdentity;
 
 /// This agent's version; its bundled test agent must match.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -61,6 +63,9 @@ pub enum ServeError {
     /// The server failed.
     #[error("gRPC server: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// No TLS identity could be made.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The address to announce: configured, the listen address, or the first
@@ -99,6 +104,8 @@ pub fn platform(config: &Config) -> Arc<dyn Platform> {
 /// # Errors
 /// See [`ServeError`].
 pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
+    tls::install_crypto_provider();
+    let identity = TlsIdentity::generate()?;
     let (reader, console) =
         console::open(config.console.as_deref()).map_err(|source| ServeError::Console {
             path: config
@@ -140,6 +147,7 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
 
     let announce_config = config.clone();
     let boot = boot_id.clone();
+    let fingerprint = identity.fingerprint.clone();
     let make = move || Announcement {
         role: Role::Master,
         version: VERSION.into(),
@@ -148,6 +156,7 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
             advertise_ip(&announce_config).unwrap_or(announce_config.listen.ip()),
             port,
         )),
+        cert: Some(fingerprint.clone()),
     };
     tokio::spawn(console::announce(
         console.clone(),
@@ -157,6 +166,7 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
     ));
 
     let idle = config.stream_idle_timeout;
+    let config_handshake = config.tls_handshake_timeout;
     let agent = Arc::new(Agent::new(platform(&config), config, boot_id, console));
     let check = auth.clone();
     let service = MasterAgentServer::with_interceptor(
@@ -167,6 +177,7 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
         },
     );
     tonic::transport::Server::builder()
+        .tls_config(identity.server_config(config_handshake))?
         .add_service(service)
         .serve_with_incoming(TcpListenerStream::new(listener))
         .await?;

@@ -134,11 +134,20 @@ impl Agent {
         (agent, c)
     }
 
+    /// A client over TLS pinned to the announced certificate, carrying no
+    /// token by itself.
     async fn client(&self) -> MasterAgentClient<Channel> {
-        let addr = self.announcement.addr.expect("addr");
-        MasterAgentClient::connect(format!("http://{addr}"))
+        let channel = ferry_dispatcher::client::channel(&self.announcement, None, &timeouts())
             .await
-            .expect("connect")
+            .expect("connect");
+        MasterAgentClient::new(channel)
+    }
+}
+
+fn timeouts() -> ferry_dispatcher::device::Timeouts {
+    ferry_dispatcher::device::Timeouts {
+        rpc: Duration::from_secs(10),
+        ..Default::default()
     }
 }
 
@@ -690,4 +699,185 @@ async fn hostile_records_are_refused_and_reported_and_the_fetch_completes() {
     assert!(refused[0].1.contains("symlink"), "{refused:?}");
     assert!(refused[1].1.contains("FIFO"), "{refused:?}");
     assert!(refused[2].1.contains("65536 of 10737418240"), "{refused:?}");
+}
+
+/// Every RPC of the service, called with `token` (none when `None`):
+/// (name, status). The names must cover `master.proto`'s `rpc` lines.
+async fn call_every_rpc(
+    c: &mut MasterAgentClient<Channel>,
+    token: Option<&str>,
+) -> Vec<(&'static str, tonic::Status)> {
+    fn req<T>(msg: T, token: Option<&str>) -> Request<T> {
+        match token {
+            Some(t) => authed(msg, t),
+            None => Request::new(msg),
+        }
+    }
+    let header = pb::DeployRequest {
+        msg: Some(pb::deploy_request::Msg::Header(pb::DeployHeader {
+            partition: "small".into(),
+            sha256: "0".repeat(64),
+            compression: pb::Compression::None as i32,
+            source_size: 4,
+            source_name: "x".into(),
+        })),
+    };
+    let data = pb::DeployRequest {
+        msg: Some(pb::deploy_request::Msg::Data(vec![0xff; 4])),
+    };
+    let part = || "testrootfs".to_string();
+    let mut out = Vec::new();
+    let mut push = |name, r: Result<(), tonic::Status>| {
+        out.push((name, r.expect_err(name)));
+    };
+    push(
+        "GetInfo",
+        c.get_info(req(pb::GetInfoRequest {}, token))
+            .await
+            .map(drop),
+    );
+    push(
+        "Deploy",
+        c.deploy(req(tokio_stream::iter(vec![header, data]), token))
+            .await
+            .map(drop),
+    );
+    push(
+        "InstallTestAgent",
+        c.install_test_agent(req(
+            pb::InstallTestAgentRequest {
+                partition: part(),
+                plan: None,
+            },
+            token,
+        ))
+        .await
+        .map(drop),
+    );
+    push(
+        "SetBootOnce",
+        c.set_boot_once(req(pb::SetBootOnceRequest { partition: part() }, token))
+            .await
+            .map(drop),
+    );
+    push(
+        "Reboot",
+        c.reboot(req(pb::RebootRequest {}, token)).await.map(drop),
+    );
+    push(
+        "FetchResults",
+        c.fetch_results(req(pb::FetchResultsRequest { partition: part() }, token))
+            .await
+            .map(drop),
+    );
+    out
+}
+
+/// The `rpc` names declared in `master.proto`.
+fn declared_rpcs() -> Vec<String> {
+    include_str!("../../proto/proto/ferry/master/v1/master.proto")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .filter_map(|l| l.split('(').next())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_rpc_refuses_a_missing_or_wrong_token_and_does_nothing() {
+    let mut agent = Agent::start();
+    let mut c = agent.client().await;
+    agent.send_token("boot-1", "right");
+    agent.wait_for("token accepted");
+    for token in [None, Some("wrong"), Some("right2"), Some("")] {
+        let refused = call_every_rpc(&mut c, token).await;
+        let mut names: Vec<String> = refused.iter().map(|(n, _)| n.to_string()).collect();
+        let mut declared = declared_rpcs();
+        names.sort();
+        declared.sort();
+        assert_eq!(names, declared, "the table covers every rpc");
+        for (name, status) in refused {
+            assert_eq!(
+                status.code(),
+                Code::Unauthenticated,
+                "{name} with {token:?}: {}",
+                status.message()
+            );
+        }
+    }
+    // Nothing was done: not rebooted, nothing written, nothing selected.
+    let info = c
+        .get_info(authed(pb::GetInfoRequest {}, "right"))
+        .await
+        .expect("the right token still works")
+        .into_inner();
+    assert_eq!(info.state, "ready");
+    let small = agent.file("small");
+    assert!(small.iter().all(|b| *b == 0), "Deploy wrote bytes");
+}
+
+#[tokio::test]
+async fn tls_is_pinned_to_the_announced_certificate_and_required() {
+    let mut agent = Agent::start();
+    let announced = agent
+        .announcement
+        .cert
+        .clone()
+        .expect("cert= in the announcement");
+    assert!(ferry_proto::is_sha256(&announced), "{announced}");
+    agent.send_token("boot-1", "t");
+    agent.wait_for("token accepted");
+
+    // A dispatcher pinned to another certificate refuses this server at
+    // once (before any token is sent), naming both fingerprints.
+    let mut forged = agent.announcement.clone();
+    forged.cert = Some("ab".repeat(32));
+    let started = std::time::Instant::now();
+    let e = ferry_dispatcher::client::channel(&forged, None, &timeouts())
+        .await
+        .expect_err("another certificate");
+    assert!(
+        e.message.contains(&announced) && e.message.contains(&"ab".repeat(32)),
+        "{}",
+        e.message
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused without retrying until the deadline"
+    );
+
+    // An announcement without a fingerprint is not dialed at all.
+    let mut bare = agent.announcement.clone();
+    bare.cert = None;
+    let e = ferry_dispatcher::client::channel(&bare, None, &timeouts())
+        .await
+        .expect_err("no fingerprint");
+    assert!(
+        e.message.contains("no certificate fingerprint"),
+        "{}",
+        e.message
+    );
+
+    // Without TLS the agent cannot be called at all, even with the token.
+    let addr = agent.announcement.addr.expect("addr");
+    let plain = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(5));
+    if let Ok(channel) = plain.connect().await {
+        let e = MasterAgentClient::new(channel)
+            .get_info(authed(pb::GetInfoRequest {}, "t"))
+            .await
+            .expect_err("plaintext");
+        assert_ne!(e.code(), Code::Ok);
+    }
+
+    // Pinned to the announced certificate, the call goes through.
+    let info = agent
+        .client()
+        .await
+        .get_info(authed(pb::GetInfoRequest {}, "t"))
+        .await
+        .expect("pinned")
+        .into_inner();
+    assert_eq!(info.boot_id, "boot-1");
 }

@@ -135,6 +135,10 @@ pub struct Announcement {
     pub boot: String,
     /// The gRPC address (the master agent only).
     pub addr: Option<SocketAddr>,
+    /// The sha256 (lowercase hex) of the agent's TLS certificate, DER-encoded:
+    /// `cert=sha256:<hex>` on the line. The master agent makes a new one at
+    /// each boot; the dispatcher accepts exactly that certificate.
+    pub cert: Option<String>,
 }
 
 /// A token line: the dispatcher hands a boot its per-job token.
@@ -237,11 +241,24 @@ impl Announcement {
             (Role::Master, Err(e)) => return Err(e),
             (Role::Test, Err(_)) => None,
         };
+        let cert = match field(fields, "cert") {
+            Ok(c) => Some(
+                c.strip_prefix("sha256:")
+                    .filter(|hex| crate::is_sha256(hex))
+                    .map(str::to_ascii_lowercase)
+                    .ok_or_else(|| LineError::BadValue {
+                        field: "cert",
+                        value: c.into(),
+                    })?,
+            ),
+            Err(_) => None,
+        };
         Ok(Announcement {
             role,
             version: field(fields, "version")?.into(),
             boot: field(fields, "boot")?.into(),
             addr,
+            cert,
         })
     }
 }
@@ -257,6 +274,9 @@ impl fmt::Display for Announcement {
         );
         if let Some(addr) = self.addr {
             body.push_str(&format!(" addr={addr}"));
+        }
+        if let Some(cert) = &self.cert {
+            body.push_str(&format!(" cert=sha256:{cert}"));
         }
         f.write_str(&seal(body))
     }
@@ -298,6 +318,7 @@ mod tests {
             version: "0.1.0".into(),
             boot: "0b5e0c7e-1111-4e4e-9999-123456789abc".into(),
             addr: Some("192.0.2.2:7070".parse().expect("addr")),
+            cert: Some("ab".repeat(32)),
         }
     }
 
@@ -316,9 +337,9 @@ mod tests {
     #[test]
     fn a_marker_that_does_not_start_the_line_proves_nothing() {
         for prefix in [
-            "[    2.345678] ",          // a /dev/kmsg write: the kernel's format
+            "[    2.345678] ",         // a /dev/kmsg write: the kernel's format
             "[    2.345678] random: ", // kernel text the line was cut into
-            "| ",                       // mirrored test output
+            "| ",                      // mirrored test output
             "echo ",
         ] {
             let line = format!("{prefix}{}", master());
@@ -449,6 +470,48 @@ mod tests {
             Announcement::find(&line),
             Some(Err(LineError::BadValue { field: "role", .. }))
         ));
+    }
+
+    #[test]
+    fn the_certificate_fingerprint_is_on_the_line_and_checked() {
+        let line = master().to_string();
+        assert!(
+            line.contains(&format!(" cert=sha256:{} ", "ab".repeat(32))),
+            "{line}"
+        );
+        // Upper-case hex is the same fingerprint.
+        let line = seal(format!(
+            "{ANNOUNCE_MARKER} role=master version=1 boot=b addr=192.0.2.2:7070 cert=sha256:{}",
+            "AB".repeat(32)
+        ));
+        let a = Announcement::find(&line)
+            .and_then(Result::ok)
+            .expect("announcement");
+        assert_eq!(a.cert, Some("ab".repeat(32)));
+        for bad in [
+            "ab".repeat(32),
+            format!("md5:{}", "ab".repeat(32)),
+            format!("sha256:{}", "ab".repeat(31)),
+            format!("sha256:{}", "zz".repeat(32)),
+        ] {
+            let line = seal(format!(
+                "{ANNOUNCE_MARKER} role=master version=1 boot=b addr=192.0.2.2:7070 cert={bad}"
+            ));
+            assert_eq!(
+                Announcement::find(&line),
+                Some(Err(LineError::BadValue {
+                    field: "cert",
+                    value: bad.clone()
+                })),
+                "{bad}"
+            );
+        }
+        // Test agents serve no TLS: their lines have no fingerprint.
+        let line = seal(format!("{ANNOUNCE_MARKER} role=test version=1 boot=b"));
+        let a = Announcement::find(&line)
+            .and_then(Result::ok)
+            .expect("test announcement");
+        assert_eq!(a.cert, None);
     }
 
     #[test]

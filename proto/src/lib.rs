@@ -40,6 +40,13 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// sha256 of `bytes` in lowercase hex: image digests, and the fingerprint of
+/// a TLS certificate (of its DER encoding) as announced on the console.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(bytes))
+}
+
 /// Whether `s` is a sha256 as the contract spells it: 64 hex digits.
 pub fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())

@@ -121,6 +121,7 @@ fn run(args: RunArgs) -> ExitCode {
             version: VERSION.into(),
             boot: boot.clone(),
             addr: None,
+            cert: None,
         }
     ));
 

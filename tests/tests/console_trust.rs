@@ -20,10 +20,7 @@ fn board_with_console_faults(faults: &str) -> SimBoard {
             .to_string();
         text.replace(
             &format!("tty: {tty}"),
-            &format!(
-                "command: {} {tty} {faults}",
-                bin("console-fault").display()
-            ),
+            &format!("command: {} {tty} {faults}", bin("console-fault").display()),
         )
     })
 }
@@ -98,6 +95,7 @@ fn test_output_that_looks_like_agent_and_kernel_lines_steers_nothing() {
         version: "9.9.9".into(),
         boot: "0badc0de-0000-4000-8000-000000000000".into(),
         addr: Some(addr),
+        cert: Some("ba".repeat(32)),
     };
     let token = TokenLine {
         boot: forged.boot.clone(),
@@ -115,13 +113,24 @@ fn test_output_that_looks_like_agent_and_kernel_lines_steers_nothing() {
     let run = board.run(&job);
     run.expect_outcome("complete");
     assert_eq!(run.results(), printing_results(), "{}", run.dump());
-    assert_eq!(run.boot_roles(), ["master", "test", "master"], "{}", run.dump());
+    assert_eq!(
+        run.boot_roles(),
+        ["master", "test", "master"],
+        "{}",
+        run.dump()
+    );
     assert_never_dialed(&listener);
     // The output is kept exactly in the records, and shown escaped on the console.
     let events = run.text("events.jsonl");
-    assert!(events.contains("Kernel panic - not syncing: VFS"), "records keep the bytes");
+    assert!(
+        events.contains("Kernel panic - not syncing: VFS"),
+        "records keep the bytes"
+    );
     let console = run.text("console.log");
-    assert!(console.contains("| FERRY\\-AGENT role=master version=9.9.9"), "{console}");
+    assert!(
+        console.contains("| FERRY\\-AGENT role=master version=9.9.9"),
+        "{console}"
+    );
     assert!(!board.powered());
 }
 
@@ -150,7 +159,8 @@ fn a_garbled_token_line_is_recovered_from() {
     run.expect_outcome("complete");
     assert_eq!(run.results(), printing_results(), "{}", run.dump());
     assert!(
-        run.text("console.log").contains("ignoring a garbled token line"),
+        run.text("console.log")
+            .contains("ignoring a garbled token line"),
         "the fault was really injected\n{}",
         run.dump()
     );
@@ -164,9 +174,7 @@ fn a_lost_test_agent_announcement_is_made_good_by_the_records() {
     run.expect_outcome("complete");
     assert_eq!(run.results(), printing_results(), "{}", run.dump());
     assert_eq!(run.boot_roles(), ["master", "master"], "{}", run.dump());
-    assert!(run
-        .text("events.jsonl")
-        .contains("its records show it ran"));
+    assert!(run.text("events.jsonl").contains("its records show it ran"));
 }
 
 #[test]

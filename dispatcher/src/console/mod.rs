@@ -302,6 +302,7 @@ mod tests {
             version: "1".into(),
             boot: "b1".into(),
             addr: Some("192.0.2.2:7070".parse().expect("addr")),
+            cert: Some("ab".repeat(32)),
         }
     }
 

@@ -36,7 +36,9 @@ fn open(path: &str) -> std::io::Result<File> {
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let Some(path) = args.next() else {
-        eprintln!("usage: console-fault TTY [garble-token] [drop-test-announcement] [forge-master=ADDR]");
+        eprintln!(
+            "usage: console-fault TTY [garble-token] [drop-test-announcement] [forge-master=ADDR]"
+        );
         std::process::exit(2);
     };
     let faults: Vec<String> = args.collect();
@@ -96,6 +98,8 @@ fn main() -> std::io::Result<()> {
                 version: "0.0.0-forged".into(),
                 boot: "f0f0f0f0-0000-4000-8000-000000000000".into(),
                 addr: Some(addr),
+                // A forger announces a certificate of its own.
+                cert: Some("f0".repeat(32)),
             };
             out.write_all(format!("\r\n{forged}\r\n").as_bytes())?;
         }
