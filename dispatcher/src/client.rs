@@ -34,6 +34,7 @@ type Auth = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + S
 pub struct Session {
     client: MasterAgentClient<InterceptedService<Channel, Auth>>,
     rpc: Duration,
+    keepalive: Duration,
 }
 
 /// Maps a refused call to an outcome class, in one place: the agent refuses
@@ -85,6 +86,11 @@ pub async fn channel(
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))
         .map_err(|e| Failure::infra(format!("agent address {addr}: {e}")))?
         .connect_timeout(rpc)
+        // A board that stops answering (hung, powered off, cable pulled)
+        // leaves the connection open: HTTP/2 pings find out.
+        .http2_keep_alive_interval(timeouts.keepalive / 2)
+        .keep_alive_timeout(timeouts.keepalive / 2)
+        .keep_alive_while_idle(true)
         .tls_config_with_verifier(tls, pin.clone())
         .map_err(|e| Failure::infra(format!("TLS configuration: {e}")))?;
     // The board's link may come up a moment after the agent announces:
@@ -143,6 +149,7 @@ impl Session {
         Ok(Session {
             client: MasterAgentClient::with_interceptor(channel, auth),
             rpc: timeouts.rpc,
+            keepalive: timeouts.keepalive,
         })
     }
 
@@ -295,32 +302,62 @@ impl Session {
     /// Fetches the records on `partition` into `dir`: the files written, and
     /// a warning for each entry the agent refused or cut (a symlink, a FIFO,
     /// a file past its size limit...).
+    /// The whole fetch must end within `timeout` and the stream may not pause
+    /// longer than `idle`.
     ///
     /// # Errors
-    /// The mapped failure; files completed before it stay written.
+    /// The mapped failure; what arrived before it stays written.
     pub async fn fetch(
         &mut self,
         partition: &str,
         dir: &Path,
         timeout: Duration,
+        idle: Duration,
     ) -> Result<Fetched, Failure> {
         let req = pb::FetchResultsRequest {
             partition: partition.into(),
         };
-        let mut stream = self
-            .client
-            .fetch_results(with_deadline(req, timeout))
-            .await
-            .map_err(|s| failure("FetchResults", &s))?
-            .into_inner();
+        let deadline = tokio::time::Instant::now() + timeout;
+        // A stalled board must not hold the job: every wait ends at the
+        // next idle limit or the overall deadline, whichever comes first.
+        let stalled = |what: &str| {
+            if tokio::time::Instant::now() >= deadline {
+                Failure::infra(format!(
+                    "fetching results did not finish within {timeout:?} ({what})"
+                ))
+            } else {
+                Failure::infra(format!(
+                    "the board sent no results for {idle:?} while fetching them ({what})"
+                ))
+            }
+        };
+        let next_limit = || deadline.min(tokio::time::Instant::now() + idle);
+        let mut stream = tokio::time::timeout_at(
+            next_limit(),
+            self.client.fetch_results(with_deadline(req, timeout)),
+        )
+        .await
+        .map_err(|_| stalled("no reply to FetchResults"))?
+        .map_err(|s| failure("FetchResults", &s))?
+        .into_inner();
         std::fs::create_dir_all(dir)
             .map_err(|e| Failure::infra(format!("creating {}: {e}", dir.display())))?;
         let mut fetched = Fetched::default();
         let mut current: Option<(String, std::fs::File)> = None;
-        while let Some(chunk) = stream
-            .message()
+        while let Some(chunk) = tokio::time::timeout_at(next_limit(), stream.message())
             .await
-            .map_err(|s| failure("FetchResults", &s))?
+            .map_err(|_| stalled(&format!("{} file(s) complete", fetched.files.len())))?
+            .map_err(|s| match s.code() {
+                // Not the agent's answer: the connection itself went.
+                Code::Unknown | Code::Unavailable | Code::Cancelled => Failure::infra(format!(
+                    "the connection to the board broke while fetching results \
+                     ({} file(s) complete; a board silent for {:?} counts as dead): {}",
+                    fetched.files.len(),
+                    self.keepalive,
+                    s.message()
+                )),
+                _ => failure("FetchResults", &s),
+            })?
         {
             if let Some(r) = chunk.refused {
                 fetched.warnings.push(format!(

@@ -85,9 +85,16 @@ pub struct Timeouts {
     /// One agent call (connect included), deploys and fetches aside.
     #[serde(with = "humantime_serde")]
     pub rpc: Duration,
-    /// Fetching the recorded results back.
+    /// Fetching the recorded results back, from the call to the last byte.
     #[serde(with = "humantime_serde")]
     pub fetch: Duration,
+    /// How long the results stream may go without a chunk.
+    #[serde(with = "humantime_serde")]
+    pub fetch_idle: Duration,
+    /// A board that answers no HTTP/2 ping for this long is dead: its
+    /// connection is dropped and the call under way fails.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
 }
 
 impl Default for Timeouts {
@@ -98,6 +105,8 @@ impl Default for Timeouts {
             announce: Duration::from_secs(120),
             rpc: Duration::from_secs(30),
             fetch: Duration::from_secs(300),
+            fetch_idle: Duration::from_secs(30),
+            keepalive: Duration::from_secs(20),
         }
     }
 }

@@ -337,7 +337,9 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     let mut session = authenticate(ctx, &mut console, &back).await?;
     // A reused output folder's old records were cleared at the start.
     let board_dir = ctx.out.join(output::BOARD_DIR);
-    let fetched = session.fetch(part, &board_dir, d.timeouts.fetch).await;
+    let fetched = session
+        .fetch(part, &board_dir, d.timeouts.fetch, d.timeouts.fetch_idle)
+        .await;
     load_records(ctx, &board_dir);
     let fetched = fetched?;
     for w in &fetched.warnings {
