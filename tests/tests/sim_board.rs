@@ -403,6 +403,7 @@ test:
         run:
           steps:
             - d=$(dirname "$FERRY_RECORDS"); mkfifo "$d/fifo"; ln -s /etc/passwd "$d/passwd"; printf '\303\050\377' > "$d/junk.bin"
+            - printf 'not a record \377\n' >> "$FERRY_RECORDS"
             - lava-test-case after --result pass
 "#,
     );
