@@ -41,6 +41,71 @@ impl Default for Timeouts {
     }
 }
 
+/// A size in bytes, written `65536`, `64KiB`, `100MiB`, `1GiB` (binary) or
+/// `10MB` (decimal), or `unlimited` (0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    /// Parses the forms above.
+    pub fn parse(text: &str) -> Option<Size> {
+        let t = text.trim();
+        if t == "unlimited" {
+            return Some(Size(0));
+        }
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(digits);
+        let n: u64 = n.parse().ok()?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            _ => return None,
+        };
+        n.checked_mul(mult).map(Size)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        let text = match &v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            _ => String::new(),
+        };
+        Size::parse(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a size (e.g. 1048576, 64KiB, 100MiB, 1GiB, unlimited)"
+            ))
+        })
+    }
+}
+
+/// Output quotas: what the test agent records of the tests' output. Beyond
+/// a quota, output is counted, not kept; results are always kept.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    /// Output each definition may record.
+    pub definition_output: Size,
+    /// Output the whole job may record.
+    pub job_output: Size,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            definition_output: Size(256 << 20),
+            job_output: Size(1 << 30),
+        }
+    }
+}
+
 /// Compression of an image file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,6 +164,8 @@ struct JobFile {
     timeouts: Timeouts,
     #[serde(default)]
     deploy: Vec<DeployEntry>,
+    #[serde(default)]
+    quotas: Quotas,
     test: Option<TestSection>,
 }
 
@@ -351,6 +418,8 @@ impl Job {
             plan: TestPlan {
                 job: file.job,
                 definitions,
+                definition_output_quota: file.quotas.definition_output.0,
+                job_output_quota: file.quotas.job_output.0,
             },
             warnings,
         })
@@ -400,6 +469,33 @@ mod tests {
         assert_eq!(params, vec![("A", "1"), ("B", "three"), ("C", "4")]);
         assert_eq!(d[0].timeout_seconds, 90);
         assert_eq!(d[1].steps, vec!["true"]);
+        assert_eq!(job.plan.definition_output_quota, 256 << 20);
+        assert_eq!(job.plan.job_output_quota, 1 << 30);
+    }
+
+    #[test]
+    fn quotas_are_sizes() {
+        let f = Files::new();
+        let job = f
+            .load("job: j\nquotas: {definition_output: 64KiB, job_output: unlimited}\n")
+            .expect("job");
+        assert_eq!(job.plan.definition_output_quota, 64 << 10);
+        assert_eq!(job.plan.job_output_quota, 0);
+        for (text, size) in [
+            ("65536", 65536),
+            ("10MB", 10_000_000),
+            ("1 GiB", 1 << 30),
+            ("2M", 2 << 20),
+        ] {
+            assert_eq!(Size::parse(text), Some(Size(size)), "{text}");
+        }
+        for bad in ["", "ten", "1TiB", "-1", "1.5MiB"] {
+            assert_eq!(Size::parse(bad), None, "{bad}");
+        }
+        let e = f
+            .load("job: j\nquotas: {definition_output: lots}\n")
+            .expect_err("bad size");
+        assert!(e.message.contains("is not a size"), "{}", e.message);
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Module map: [`run`] is the job from power-on to results; [`job`] and
 //! [`device`] read the user's files; [`power`], [`console`] and [`client`]
-//! (with [`netns`] and [`tls`]) talk to the board; [`events`] and [`report`] write the
+//! (with [`netns`] and [`tls`]) talk to the board; [`records`] streams the
+//! board's records back; [`events`] and [`report`] write the
 //! output folder ([`output`] the files schedulers read); [`outcome`] is
 //! the exit-code contract.
 
@@ -17,6 +18,7 @@ pub mod netns;
 pub mod outcome;
 pub mod output;
 pub mod power;
+pub mod records;
 pub mod report;
 pub mod run;
 pub mod tls;

@@ -59,10 +59,13 @@ pub fn clear(out: &Path) -> std::io::Result<()> {
             _ => {}
         }
     }
-    match std::fs::remove_dir_all(out.join(BOARD_DIR)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    for dir in [BOARD_DIR, crate::records::OUTPUT_DIR] {
+        match std::fs::remove_dir_all(out.join(dir)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 /// The folder, inside the output folder, the board's record files go to.

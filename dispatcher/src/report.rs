@@ -214,6 +214,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         };
         let records = vec![
             rec(Body::Result {

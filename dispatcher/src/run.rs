@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::client::Session;
 use crate::console::{Console, Signal};
 use crate::device::Device;
-use crate::events::{from_micros, EventLog};
+use crate::events::EventLog;
 use crate::job::Job;
 use crate::outcome::{Class, Failure, Outcome};
 use crate::output::{self, Boot};
@@ -57,6 +57,8 @@ struct Progress {
     /// plan then gets a `lava` result, `unknown` if it never finished.
     tested: bool,
     boots: Vec<Boot>,
+    /// The board's records other than output (results, sets, definitions,
+    /// agent records): bounded by the plan, not by what tests print.
     records: Vec<Record>,
     /// The only address the dispatcher dials: the device file's, else the
     /// job's first master announcement's.
@@ -410,35 +412,15 @@ async fn recover(
     wait_master(ctx, console, Some(old_master), d.timeouts.announce).await
 }
 
-/// Reads whatever record files arrived, merging them into the event log.
+/// Streams whatever record files arrived into the output folder and the
+/// event log, keeping what the results need.
 fn load_records(ctx: &Ctx, dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    names.sort();
-    let mut all = Vec::new();
-    for path in names {
-        let Ok(bytes) = std::fs::read(&path) else {
-            continue;
-        };
-        // The board's bytes are the test image's: one bad byte must not cost every record.
-        let text = String::from_utf8_lossy(&bytes);
-        let (records, errors) = Record::parse_all(&text);
-        for e in errors {
-            ctx.events
-                .say("dispatcher", format!("{}: {e}", path.display()));
-        }
-        for r in &records {
-            let mut fields = serde_json::to_value(&r.body).unwrap_or_default();
-            if let Some(obj) = fields.as_object_mut() {
-                obj.insert("boot".into(), json!(r.boot));
-            }
-            ctx.events.event_at(from_micros(r.ts_us), "test", fields);
-        }
-        all.extend(records);
-    }
-    ctx.progress(|s| s.records = all);
+    let summary =
+        tokio::task::block_in_place(|| crate::records::ingest(dir, &ctx.out, &ctx.events));
+    ctx.progress(|s| {
+        s.records = summary.records;
+        s.warnings.extend(summary.warnings);
+    });
 }
 
 /// What a failed steps task says: its panic message, for the outcome.

@@ -306,6 +306,7 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
             name: "../../etc".into(),
             ..Default::default()
         }],
+        ..Default::default()
     };
     let e = c
         .install_test_agent(authed(

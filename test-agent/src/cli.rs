@@ -5,15 +5,16 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_proto::console::{Announcement, Role};
 use ferry_proto::plan::v1::TestPlan;
-use ferry_proto::record::{Body, PLAN_FILE, RECORDS_DIR, RECORDS_FILE};
+use ferry_proto::record::{Body, Header, FERRY_DIR, PLAN_FILE, RECORDS_DIR, RECORDS_FILE};
 use prost::Message;
 
 use crate::mirror::Mirror;
-use crate::records::RecordLog;
+use crate::records::{now_us, Quotas, Settings, Writer};
 use crate::runner::{run_plan, RunContext};
 use crate::{bundle, helpers, VERSION};
 
@@ -88,6 +89,24 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Space set aside at start (`ferry/reserve`) and released when the disk
+/// fills up, so results and the agent's own records still fit.
+const RESERVE_BYTES: u64 = 2 << 20;
+/// Longest the console mirror may take to write what is queued at the end.
+const MIRROR_DRAIN: Duration = Duration::from_secs(5);
+
+/// Opens the console for the mirror. Flow control off: a stray XOFF
+/// byte (or a viewer's ^S) must not stop the run's last words or reboot.
+fn open_console(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = OpenOptions::new().write(true).open(path)?;
+    if let Ok(mut t) = nix::sys::termios::tcgetattr(&f) {
+        use nix::sys::termios::{InputFlags, SetArg};
+        t.input_flags.remove(InputFlags::IXON | InputFlags::IXOFF);
+        let _ = nix::sys::termios::tcsetattr(&f, SetArg::TCSANOW, &t);
+    }
+    Ok(f)
+}
+
 fn boot_id(given: Option<String>) -> String {
     given
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
@@ -97,7 +116,7 @@ fn boot_id(given: Option<String>) -> String {
 
 fn run(args: RunArgs) -> ExitCode {
     let console: Box<dyn Write + Send> = match &args.console {
-        Some(p) => match OpenOptions::new().write(true).open(p) {
+        Some(p) => match open_console(p) {
             Ok(f) => Box::new(f),
             Err(e) => {
                 eprintln!(
@@ -133,22 +152,31 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     mirror.line("[ferry] test-agent done; rebooting to the master image".into());
-    mirror.finish();
+    if !mirror.finish(MIRROR_DRAIN) {
+        eprintln!("test-agent: the console took no output for {MIRROR_DRAIN:?}; going on");
+    }
     match args.reboot {
         RebootMode::Exit => code,
         RebootMode::System => {
+            // The records writer is closed by now; a clean filesystem spares
+            // the master image a journal replay when it mounts this rootfs
+            // to fetch the records. The records are already synced, so a
+            // failure here loses nothing, but it is said on the console.
             nix::unistd::sync();
-            // A clean filesystem spares the master image a journal replay
-            // when it mounts this rootfs to fetch the records. The records
-            // are already synced, so a failure here loses nothing.
             use nix::mount::{mount, MsFlags};
-            let _ = mount(
+            if let Err(e) = mount(
                 None::<&str>,
                 &root,
                 None::<&str>,
                 MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
                 None::<&str>,
-            );
+            ) {
+                eprintln!(
+                    "test-agent: remounting {} read-only failed ({e}); synced instead",
+                    root.display()
+                );
+                nix::unistd::sync();
+            }
             let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
             eprintln!("test-agent: reboot failed: {e:?}");
             ExitCode::FAILURE
@@ -156,6 +184,8 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// Runs the plan with the records open, and closes them (every write
+/// synced, the file closed) before returning, whatever happened.
 fn run_recorded(
     root: &Path,
     boot: &str,
@@ -165,36 +195,85 @@ fn run_recorded(
     let dir = root.join(RECORDS_DIR);
     std::fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    let records = dir.join(RECORDS_FILE);
-    let mut log = RecordLog::open(&records, boot)?;
-    if let Some(kmsg) = kmsg {
-        crate::kernel::spawn(kmsg, records.clone(), boot.into());
-    }
     let plan_path = root.join(PLAN_FILE);
     let plan = std::fs::read(&plan_path)
         .map_err(anyhow::Error::from)
         .and_then(|b| Ok(TestPlan::decode(b.as_slice())?));
-    let plan = match plan {
-        Ok(p) => p,
-        Err(e) => {
-            let message = format!("cannot read the plan {}: {e}", plan_path.display());
-            log.append_synced(Body::AgentMessage {
-                level: "error".into(),
-                message: message.clone(),
-            })?;
-            anyhow::bail!(message);
+    let header = Header {
+        boot: boot.into(),
+        job: plan.as_ref().map(|p| p.job.clone()).unwrap_or_default(),
+        agent_version: VERSION.into(),
+        start_us: now_us(),
+        writer: "test-agent".into(),
+    };
+    let settings = Settings {
+        quotas: plan
+            .as_ref()
+            .map(|p| Quotas {
+                definition: p.definition_output_quota,
+                job: p.job_output_quota,
+            })
+            .unwrap_or_default(),
+        reserve: Some((root.join(FERRY_DIR).join("reserve"), RESERVE_BYTES)),
+        ..Settings::default()
+    };
+    let records = dir.join(RECORDS_FILE);
+    let writer = Writer::create(&records, header, settings)?;
+    let rec = writer.recorder();
+    let socket = crate::socket::name_for(std::process::id());
+    let ran = (|| -> anyhow::Result<()> {
+        if let Some(kmsg) = kmsg {
+            crate::kernel::spawn(kmsg, rec.clone());
         }
-    };
-    log.append_synced(Body::AgentStarted {
-        version: VERSION.into(),
-        job: plan.job.clone(),
-    })?;
-    let ctx = RunContext {
-        root: root.into(),
-        records,
-        boot_id: boot.into(),
-    };
-    run_plan(&ctx, &plan, &mut log, mirror)?;
-    log.append_synced(Body::AgentFinished {})?;
+        if let Err(e) = crate::socket::serve(&socket, rec.clone()) {
+            // Helpers then write records files of their own.
+            rec.durable(Body::AgentMessage {
+                level: "warn".into(),
+                message: format!("helper socket {socket}: {e}"),
+            })?;
+        }
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("cannot read the plan {}: {e}", plan_path.display());
+                rec.durable(Body::AgentMessage {
+                    level: "error".into(),
+                    message: message.clone(),
+                })?;
+                anyhow::bail!(message);
+            }
+        };
+        rec.durable(Body::AgentStarted {
+            version: VERSION.into(),
+            job: plan.job.clone(),
+        })?;
+        let ctx = RunContext {
+            root: root.into(),
+            records: records.clone(),
+            socket: socket.clone(),
+            job: plan.job.clone(),
+            boot_id: boot.into(),
+        };
+        run_plan(&ctx, &plan, &rec, mirror)?;
+        rec.durable(Body::AgentFinished {})?;
+        Ok(())
+    })();
+    drop(rec);
+    let closed = writer.close();
+    if let Ok(stats) = &closed {
+        let mut line = format!(
+            "[ferry] records: {} bytes, {} bytes of output kept",
+            stats.file_bytes, stats.output_kept
+        );
+        if stats.output_dropped > 0 {
+            line.push_str(&format!(", {} dropped", stats.output_dropped));
+        }
+        if stats.disk_full {
+            line.push_str(" (the test rootfs filled up)");
+        }
+        mirror.line(line);
+    }
+    ran?;
+    closed?;
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! The LAVA result helpers test writers already call: `lava-test-case` and
-//! `lava-test-set`. They write records straight to the records file (synced
-//! before they return) and print LAVA's signal line for live viewers.
+//! `lava-test-set`. They hand their records to the agent (on disk before
+//! they return; when the agent cannot be reached, written to a records file
+//! of their own) and print LAVA's signal line for live viewers.
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
-use ferry_proto::record::{Body, Outcome};
+use ferry_proto::record::{Body, Header, Outcome, RECORDS_SUFFIX};
 
-use crate::records::RecordLog;
+use crate::records::{now_us, write_alone};
+use crate::VERSION;
 
 /// Why a helper call was refused.
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +23,14 @@ pub enum HelperError {
     /// A bad value.
     #[error("{0}")]
     Invalid(String),
-    /// Recording failed.
-    #[error(transparent)]
-    Records(#[from] crate::records::RecordError),
+    /// Neither the agent nor a file of the helper's own took the record.
+    #[error("cannot record: the agent said {agent}; writing alone: {alone}")]
+    NotRecorded {
+        /// Why the agent did not take it.
+        agent: String,
+        /// Why the helper's own file failed.
+        alone: String,
+    },
     /// The set state file could not be used.
     #[error("test set state {path}: {source}")]
     SetState {
@@ -40,6 +47,8 @@ const SET_USAGE: &str = "lava-test-set start NAME | lava-test-set stop";
 /// What the test agent told the helper through the environment.
 struct Context {
     records: PathBuf,
+    socket: String,
+    job: String,
     definition: String,
     boot: String,
     run_dir: PathBuf,
@@ -51,6 +60,8 @@ impl Context {
             |name: &'static str| std::env::var(name).map_err(|_| HelperError::NoContext(name));
         Ok(Context {
             records: var("FERRY_RECORDS")?.into(),
+            socket: var("FERRY_AGENT_SOCKET")?,
+            job: std::env::var("FERRY_JOB").unwrap_or_default(),
             definition: var("FERRY_DEFINITION")?,
             boot: var("FERRY_BOOT_ID")?,
             run_dir: var("FERRY_RUN_DIR")?.into(),
@@ -67,8 +78,28 @@ impl Context {
             .filter(|s| !s.is_empty())
     }
 
-    fn log(&self) -> Result<RecordLog, HelperError> {
-        Ok(RecordLog::open(&self.records, &self.boot)?)
+    /// Records `body` through the agent, or alone when it is unreachable.
+    fn record(&self, body: Body) -> Result<(), HelperError> {
+        let Err(why) = crate::socket::send(&self.socket, &body) else {
+            return Ok(());
+        };
+        let start_us = now_us();
+        let dir = self.records.parent().unwrap_or(&self.records);
+        let path = dir.join(format!(
+            "helper-{}-{start_us}{RECORDS_SUFFIX}",
+            std::process::id()
+        ));
+        let header = Header {
+            boot: self.boot.clone(),
+            job: self.job.clone(),
+            agent_version: VERSION.into(),
+            start_us,
+            writer: "helper".into(),
+        };
+        write_alone(&path, header, &body).map_err(|e| HelperError::NotRecorded {
+            agent: why.to_string(),
+            alone: e.to_string(),
+        })
     }
 }
 
@@ -151,7 +182,7 @@ fn record_case(
     if let Some(u) = &units {
         signal.push_str(&format!(" UNITS={u}"));
     }
-    ctx.log()?.append_synced(Body::Result {
+    ctx.record(Body::Result {
         definition: ctx.definition.clone(),
         case,
         result,
@@ -201,7 +232,7 @@ fn test_set(args: &[String]) -> Result<(), HelperError> {
                 return Err(HelperError::Invalid(format!("bad test set name {name:?}")));
             }
             state(std::fs::write(&path, name))?;
-            ctx.log()?.append_synced(Body::SetStarted {
+            ctx.record(Body::SetStarted {
                 definition: ctx.definition.clone(),
                 set: name.clone(),
             })?;
@@ -212,7 +243,7 @@ fn test_set(args: &[String]) -> Result<(), HelperError> {
                 .current_set()
                 .ok_or_else(|| HelperError::Invalid("no test set was started".into()))?;
             state(std::fs::remove_file(&path))?;
-            ctx.log()?.append_synced(Body::SetStopped {
+            ctx.record(Body::SetStopped {
                 definition: ctx.definition.clone(),
                 set,
             })?;

@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod mirror;
 pub mod records;
 pub mod runner;
+pub mod socket;
 
 /// This agent's version; the master agent bundles the same.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

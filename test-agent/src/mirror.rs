@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// How many lines may wait for the console before lines are dropped.
 const QUEUE_LINES: usize = 4096;
@@ -61,17 +62,35 @@ impl Mirror {
         }
     }
 
+    /// Counts lines the caller chose not to queue (far more than the
+    /// console could carry), so the console still says how many it missed.
+    pub fn skip(&self, lines: u64) {
+        self.skipped.fetch_add(lines, Ordering::Relaxed);
+    }
+
     /// Lines dropped so far.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
     }
 
-    /// Writes what is queued and stops the thread.
-    pub fn finish(mut self) {
+    /// Writes what is queued and stops the thread, waiting at most
+    /// `within`: a console that stopped taking bytes (flow control, a
+    /// hung UART) must never hold up the reboot. Returns whether the
+    /// queue was written in time.
+    pub fn finish(mut self, within: Duration) -> bool {
         self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let Some(t) = self.thread.take() else {
+            return true;
+        };
+        let deadline = Instant::now() + within;
+        while !t.is_finished() {
+            if Instant::now() >= deadline {
+                return false; // left behind: the process ends or reboots anyway
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = t.join();
+        true
     }
 }
 
@@ -84,7 +103,7 @@ mod tests {
     struct Slow(Arc<Mutex<Vec<u8>>>);
     impl Write for Slow {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(200));
             self.0
                 .lock()
                 .map_err(|_| std::io::Error::other("poisoned"))?
@@ -105,11 +124,33 @@ mod tests {
             mirror.line(format!("line {i}"));
         }
         let skipped = mirror.skipped();
-        mirror.finish();
+        assert!(mirror.finish(Duration::from_secs(60)));
         let text = String::from_utf8(out.lock().expect("lock").clone()).expect("utf8");
         let written = text.lines().filter(|l| l.starts_with("line ")).count() as u64;
         assert!(skipped > 0, "a console this slow must fall behind");
         assert_eq!(written + skipped, n);
         assert!(text.contains("console mirror skipped"));
+    }
+
+    /// A console stopped by XOFF: every write blocks for a long time.
+    struct Stuck;
+    impl Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(Duration::from_secs(30));
+            Err(std::io::Error::other("gave up"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_console_does_not_hold_up_the_end() {
+        let mirror = Mirror::start(Box::new(Stuck));
+        mirror.line("one".into());
+        mirror.line("two".into());
+        let started = Instant::now();
+        assert!(!mirror.finish(Duration::from_millis(300)));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }

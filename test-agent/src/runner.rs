@@ -1,12 +1,12 @@
-//! Runs a test plan: each definition's steps in a shell, every output line
-//! recorded, a per-definition timeout, and one definition's failure never
-//! stopping the next.
+//! Runs a test plan: each definition's steps in a shell, its output read
+//! from the pipes in chunks and recorded byte for byte, a per-definition
+//! timeout, and one definition's failure never stopping the next.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
 use ferry_proto::plan::v1::{Definition, TestPlan};
@@ -15,7 +15,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::mirror::Mirror;
-use crate::records::{RecordError, RecordLog};
+use crate::records::{RecordError, Recorder};
 
 /// How long to keep reading output after a definition's shell has exited
 /// (or was killed), in case background processes still hold its pipes.
@@ -53,8 +53,13 @@ pub enum RunError {
 pub struct RunContext {
     /// Root of the test rootfs (`/` on a board).
     pub root: PathBuf,
-    /// The records file, shared with the helpers.
+    /// The agent's records file (`FERRY_RECORDS`); helpers that cannot
+    /// reach the agent write records files of their own beside it.
     pub records: PathBuf,
+    /// The agent's socket for the helpers (an abstract socket name).
+    pub socket: String,
+    /// The job named in the plan.
+    pub job: String,
     /// This boot's id.
     pub boot_id: String,
 }
@@ -66,17 +71,17 @@ pub struct RunContext {
 pub fn run_plan(
     ctx: &RunContext,
     plan: &TestPlan,
-    log: &mut RecordLog,
+    rec: &Recorder,
     mirror: &Mirror,
 ) -> Result<(), RunError> {
     for (index, def) in plan.definitions.iter().enumerate() {
-        if let Err(e) = run_definition(ctx, index, def, log, mirror) {
+        if let Err(e) = run_definition(ctx, index, def, rec, mirror) {
             if let RunError::Records(_) = e {
                 return Err(e);
             }
             // Could not even start: say so and go on with the next one.
             mirror.line(format!("[ferry] {e}"));
-            log.append_synced(Body::AgentMessage {
+            rec.durable(Body::AgentMessage {
                 level: "error".into(),
                 message: e.to_string(),
             })?;
@@ -115,23 +120,107 @@ fn prepare(path: &Path, result: std::io::Result<()>) -> Result<(), RunError> {
     })
 }
 
-/// Longest piece of a line kept in one record: a longer line is split over
-/// several records, never truncated, and never held whole in memory.
-const MAX_LINE: u64 = 64 * 1024;
+/// Largest piece of output read from a pipe at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// Chunks waiting between the pipe readers and the runner: a test that
+/// prints faster than the records are written blocks on its pipe.
+const PIPE_QUEUE: usize = 4;
+/// Longest piece of a line mirrored as one console line.
+const MAX_LINE: usize = 64 * 1024;
+/// Console lines mirrored per [`MIRROR_WINDOW`]; the rest are counted as
+/// skipped without being copied (the console could not carry them anyway).
+const MIRROR_LINES: u32 = 200;
+/// See [`MIRROR_LINES`].
+const MIRROR_WINDOW: Duration = Duration::from_millis(100);
 
-fn read_lines(stream: Stream, pipe: impl Read, tx: Sender<(Stream, String)>) {
-    let mut reader = BufReader::new(pipe);
-    let mut buf = Vec::new();
+fn read_chunks(stream: Stream, mut pipe: impl Read, tx: SyncSender<(Stream, Vec<u8>)>) {
     loop {
-        buf.clear();
-        match reader.by_ref().take(MAX_LINE).read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&buf);
-                let line = line.trim_end_matches(['\n', '\r']).to_string();
-                if tx.send((stream, line)).is_err() {
+        let mut buf = vec![0u8; READ_CHUNK];
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                buf.truncate(n);
+                // Blocks while the runner is behind: backpressure.
+                if tx.send((stream, buf)).is_err() {
                     return;
                 }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Cuts output chunks into console lines, within a line budget.
+struct MirrorLines<'a> {
+    mirror: &'a Mirror,
+    partial: [Vec<u8>; 2],
+    window: Instant,
+    used: u32,
+}
+
+impl<'a> MirrorLines<'a> {
+    fn new(mirror: &'a Mirror) -> Self {
+        MirrorLines {
+            mirror,
+            partial: [Vec::new(), Vec::new()],
+            window: Instant::now(),
+            used: 0,
+        }
+    }
+
+    fn emit(&mut self, line: &[u8]) {
+        if self.window.elapsed() >= MIRROR_WINDOW {
+            self.window = Instant::now();
+            self.used = 0;
+        }
+        if self.used < MIRROR_LINES {
+            self.used += 1;
+            let line = String::from_utf8_lossy(line);
+            self.mirror.line(ferry_proto::console::mirror_output(
+                line.trim_end_matches(['\n', '\r']),
+            ));
+        } else {
+            self.mirror.skip(1);
+        }
+    }
+
+    fn chunk(&mut self, stream: Stream, data: &[u8]) {
+        let i = stream as usize;
+        let mut rest = data;
+        while let Some(n) = rest.iter().position(|b| *b == b'\n') {
+            let (line, tail) = rest.split_at(n + 1);
+            rest = tail;
+            if self.partial[i].is_empty() {
+                if self.used >= MIRROR_LINES && self.window.elapsed() < MIRROR_WINDOW {
+                    // Over budget: count the remaining lines in one pass.
+                    let lines = 1 + rest.iter().filter(|b| **b == b'\n').count() as u64;
+                    self.mirror.skip(lines);
+                    rest = &rest
+                        [rest.len() - rest.iter().rev().take_while(|b| **b != b'\n').count()..];
+                    break;
+                }
+                self.emit(line);
+            } else {
+                let mut whole = std::mem::take(&mut self.partial[i]);
+                whole.extend_from_slice(line);
+                self.emit(&whole);
+            }
+        }
+        self.partial[i].extend_from_slice(rest);
+        if self.partial[i].len() >= MAX_LINE {
+            let whole = std::mem::take(&mut self.partial[i]);
+            self.emit(&whole);
+        }
+    }
+
+    fn finish(&mut self) {
+        // The last unfinished lines are shown whatever the budget.
+        self.used = 0;
+        for i in 0..2 {
+            let whole = std::mem::take(&mut self.partial[i]);
+            if !whole.is_empty() {
+                self.emit(&whole);
             }
         }
     }
@@ -141,7 +230,7 @@ fn run_definition(
     ctx: &RunContext,
     index: usize,
     def: &Definition,
-    log: &mut RecordLog,
+    rec: &Recorder,
     mirror: &Mirror,
 ) -> Result<(), RunError> {
     let run_dir = ctx
@@ -160,7 +249,7 @@ fn run_definition(
         std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into())
     );
     let start = Instant::now();
-    log.append_synced(Body::DefinitionStarted {
+    rec.durable(Body::DefinitionStarted {
         definition: def.name.clone(),
     })?;
     mirror.line(format!(
@@ -173,6 +262,8 @@ fn run_definition(
         .current_dir(&run_dir)
         .env("PATH", path)
         .env("FERRY_RECORDS", &ctx.records)
+        .env("FERRY_AGENT_SOCKET", &ctx.socket)
+        .env("FERRY_JOB", &ctx.job)
         .env("FERRY_DEFINITION", &def.name)
         .env("FERRY_BOOT_ID", &ctx.boot_id)
         .env("FERRY_RUN_DIR", &run_dir)
@@ -188,14 +279,14 @@ fn run_definition(
         })?;
     let pgid = Pid::from_raw(child.id() as i32);
 
-    let (tx, rx) = channel();
+    let (tx, rx) = sync_channel(PIPE_QUEUE);
     if let Some(out) = child.stdout.take() {
         let tx = tx.clone();
-        std::thread::spawn(move || read_lines(Stream::Stdout, out, tx));
+        std::thread::spawn(move || read_chunks(Stream::Stdout, out, tx));
     }
     if let Some(err) = child.stderr.take() {
         let tx = tx.clone();
-        std::thread::spawn(move || read_lines(Stream::Stderr, err, tx));
+        std::thread::spawn(move || read_chunks(Stream::Stderr, err, tx));
     }
     drop(tx);
 
@@ -203,20 +294,31 @@ fn run_definition(
     let mut deadline = limit.map(|l| start + l);
     let mut timed_out = false;
     let mut status = None;
+    let mut lines = MirrorLines::new(mirror);
     loop {
-        // Poll the child now and then; output arrives on the channel meanwhile.
+        // The deadline is checked on every turn, so a flood of output
+        // cannot keep a definition past its timeout.
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            if status.is_none() {
+                timed_out = true;
+                let _ = killpg(pgid, Signal::SIGKILL);
+                status = child.wait().ok();
+                deadline = Some(Instant::now() + DRAIN_GRACE);
+            } else {
+                // Output still held open by stray background processes.
+                let _ = killpg(pgid, Signal::SIGKILL);
+                break;
+            }
+        }
         let wait = deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_millis(200))
             .min(Duration::from_millis(200));
         match rx.recv_timeout(wait) {
-            Ok((stream, line)) => {
-                record_line(log, mirror, &def.name, stream, line)?;
-                // Group commit: sync once the burst is written.
-                while let Ok((stream, line)) = rx.try_recv() {
-                    record_line(log, mirror, &def.name, stream, line)?;
-                }
-                log.sync()?;
+            Ok((stream, data)) => {
+                lines.chunk(stream, &data);
+                // Blocks while the records queue is full: backpressure.
+                rec.output(&def.name, stream, data)?;
             }
             Err(RecvTimeoutError::Disconnected) if status.is_some() => break,
             Err(RecvTimeoutError::Disconnected) | Err(RecvTimeoutError::Timeout) => {}
@@ -225,28 +327,17 @@ fn run_definition(
             if let Ok(Some(s)) = child.try_wait() {
                 status = Some(s);
                 deadline = Some(Instant::now() + DRAIN_GRACE);
-                continue;
-            }
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            if status.is_none() {
-                timed_out = true;
-                let _ = killpg(pgid, Signal::SIGKILL);
-                status = child.wait().ok();
-                deadline = Some(Instant::now() + DRAIN_GRACE);
-            } else {
-                break; // output still held open by stray background processes
             }
         }
     }
-    log.sync()?;
+    lines.finish();
 
     let exit_code = if timed_out {
         None
     } else {
         status.and_then(|s| s.code())
     };
-    log.append_synced(Body::DefinitionFinished {
+    rec.durable(Body::DefinitionFinished {
         definition: def.name.clone(),
         exit_code,
         timed_out,
@@ -264,38 +355,66 @@ fn run_definition(
     Ok(())
 }
 
-fn record_line(
-    log: &mut RecordLog,
-    mirror: &Mirror,
-    definition: &str,
-    stream: Stream,
-    line: String,
-) -> Result<(), RecordError> {
-    log.append(Body::Output {
-        definition: definition.into(),
-        stream,
-        line: line.clone(),
-    })?;
-    mirror.line(ferry_proto::console::mirror_output(&line));
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use ferry_proto::plan::v1::Param;
 
+    /// A console that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Console(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Console {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .map_err(|_| std::io::Error::other("lock"))?
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
-    fn long_lines_are_split_not_truncated() {
-        let long = "x".repeat(MAX_LINE as usize * 2 + 10);
-        let input = format!("short\n{long}\nlast");
-        let (tx, rx) = channel();
-        read_lines(Stream::Stdout, input.as_bytes(), tx);
-        let lines: Vec<String> = rx.into_iter().map(|(_, l)| l).collect();
-        assert_eq!(lines.len(), 5);
-        assert_eq!(lines[0], "short");
-        assert_eq!(lines[1..4].concat(), long);
-        assert_eq!(lines[4], "last");
+    fn pipes_are_read_in_chunks_that_keep_every_byte() {
+        let input: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (tx, rx) = sync_channel(PIPE_QUEUE);
+        let data = input.clone();
+        let t = std::thread::spawn(move || read_chunks(Stream::Stderr, data.as_slice(), tx));
+        let mut back = Vec::new();
+        for (stream, chunk) in rx {
+            assert_eq!(stream, Stream::Stderr);
+            assert!(chunk.len() <= READ_CHUNK);
+            back.extend_from_slice(&chunk);
+        }
+        t.join().expect("reader");
+        assert!(back == input);
+    }
+
+    #[test]
+    fn mirror_rejoins_split_lines_and_counts_what_it_skips() {
+        let console = Console::default();
+        let mirror = Mirror::start(Box::new(console.clone()));
+        let mut lines = MirrorLines::new(&mirror);
+        lines.chunk(Stream::Stdout, b"hel");
+        lines.chunk(Stream::Stderr, b"err\n");
+        lines.chunk(Stream::Stdout, b"lo\nwor");
+        lines.chunk(Stream::Stdout, b"ld\n");
+        // A flood far beyond the budget: counted, not queued.
+        lines.chunk(Stream::Stdout, &b"y\n".repeat(10_000));
+        lines.chunk(Stream::Stdout, b"tail");
+        lines.finish();
+        let skipped = mirror.skipped();
+        mirror.finish(Duration::from_secs(5));
+        let text = String::from_utf8(console.0.lock().expect("lock").clone()).expect("utf8");
+        // (the mirror's own "skipped" notes may come anywhere)
+        let shown: Vec<&str> = text.lines().filter(|l| !l.starts_with("[ferry]")).collect();
+        assert_eq!(shown[..3], ["err", "hello", "world"]);
+        let ys = shown.iter().filter(|l| **l == "y").count() as u64;
+        assert_eq!(ys + skipped, 10_000, "{text}");
+        assert!(skipped >= 10_000 - u64::from(MIRROR_LINES));
+        assert!(text.ends_with("tail\n"), "{text}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use ferry_proto::plan::v1::{Definition, Param, TestPlan};
-use ferry_proto::record::{Body, Outcome, Record, PLAN_FILE, RECORDS_DIR, RECORDS_FILE};
+use ferry_proto::record::{Body, Item, Outcome, Reader, Record, Stream, PLAN_FILE, RECORDS_DIR};
 use prost::Message;
 
 const BIN: &str = env!("CARGO_BIN_EXE_test-agent");
@@ -37,6 +37,55 @@ fn def(name: &str, steps: &[&str], timeout: u64) -> Definition {
     }
 }
 
+fn plan(job: &str, definitions: Vec<Definition>) -> TestPlan {
+    TestPlan {
+        job: job.into(),
+        definitions,
+        ..Default::default()
+    }
+}
+
+/// Every record of every records file under `root`, files in name order;
+/// panics on any gap (the agent never leaves one of its own making).
+fn records_of(root: &Path) -> Vec<Record> {
+    let mut names: Vec<_> = std::fs::read_dir(root.join(RECORDS_DIR))
+        .expect("records dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    names.sort();
+    let mut records = Vec::new();
+    for path in names {
+        let f = std::io::BufReader::new(std::fs::File::open(&path).expect("open"));
+        let (reader, gap) = Reader::new(f).expect("header");
+        assert_eq!(gap, None, "{}", path.display());
+        for item in reader {
+            match item.expect("read") {
+                Item::Record(r) => records.push(r),
+                other => panic!("{}: {other:?}", path.display()),
+            }
+        }
+    }
+    records
+}
+
+/// The output `definition` printed on `stream`, concatenated.
+fn output(records: &[Record], definition: &str, stream: Stream) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        if let Body::Output {
+            definition: d,
+            stream: s,
+            data,
+        } = &r.body
+        {
+            if d == definition && *s == stream {
+                out.extend_from_slice(data);
+            }
+        }
+    }
+    out
+}
+
 fn run(root: &Path) -> (String, Vec<Record>) {
     let out = Command::new(BIN)
         .args(["run", "--reboot", "exit", "--boot-id", "boot-1", "--root"])
@@ -46,10 +95,7 @@ fn run(root: &Path) -> (String, Vec<Record>) {
         .expect("run");
     let console = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{out:?}");
-    let text = std::fs::read_to_string(root.join(RECORDS_DIR).join(RECORDS_FILE)).expect("records");
-    let (records, errors) = Record::parse_all(&text);
-    assert!(errors.is_empty(), "{errors:?}");
-    (console, records)
+    (console, records_of(root))
 }
 
 /// (definition, case, result, measurement, set)
@@ -81,9 +127,9 @@ fn results(records: &[Record]) -> Vec<Row> {
 #[test]
 fn runs_definitions_with_helpers_and_set_e() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plan = TestPlan {
-        job: "t".into(),
-        definitions: vec![
+    let plan = plan(
+        "t",
+        vec![
             def(
                 "first",
                 &[
@@ -104,7 +150,7 @@ fn runs_definitions_with_helpers_and_set_e() {
                 0,
             ),
         ],
-    };
+    );
     install(dir.path(), &plan);
     let (console, records) = run(dir.path());
     assert_eq!(
@@ -147,10 +193,9 @@ fn runs_definitions_with_helpers_and_set_e() {
             ("second".into(), Some(0), false)
         ]
     );
-    assert!(records.iter().any(|r| matches!(&r.body,
-        Body::Output { line, .. } if line == "hello world")));
-    assert!(records.iter().any(|r| matches!(&r.body,
-        Body::Output { line, stream: ferry_proto::record::Stream::Stderr, .. } if line == "err")));
+    let first = String::from_utf8(output(&records, "first", Stream::Stdout)).expect("utf8");
+    assert!(first.starts_with("hello world\n"), "{first}");
+    assert_eq!(output(&records, "second", Stream::Stderr), b"err\n");
     assert!(matches!(
         records.last().map(|r| &r.body),
         Some(Body::AgentFinished {})
@@ -166,9 +211,9 @@ fn runs_definitions_with_helpers_and_set_e() {
 #[test]
 fn a_definition_timeout_kills_it_and_the_next_one_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let plan = TestPlan {
-        job: "t".into(),
-        definitions: vec![
+    let plan = plan(
+        "t",
+        vec![
             def(
                 "hangs",
                 &["lava-test-case before --result pass", "sleep 600"],
@@ -176,7 +221,7 @@ fn a_definition_timeout_kills_it_and_the_next_one_runs() {
             ),
             def("next", &["lava-test-case next --result pass"], 0),
         ],
-    };
+    );
     install(dir.path(), &plan);
     let (_, records) = run(dir.path());
     let names: Vec<_> = results(&records).into_iter().map(|r| r.1).collect();
@@ -194,9 +239,12 @@ fn a_missing_plan_is_recorded_not_fatal() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    let text =
-        std::fs::read_to_string(dir.path().join(RECORDS_DIR).join(RECORDS_FILE)).expect("records");
-    assert!(text.contains("cannot read the plan"), "{text}");
+    let records = records_of(dir.path());
+    assert!(
+        records.iter().any(|r| matches!(&r.body,
+            Body::AgentMessage { level, message } if level == "error" && message.contains("cannot read the plan"))),
+        "{records:?}"
+    );
 }
 
 #[test]
@@ -211,4 +259,89 @@ fn helpers_refuse_to_run_outside_a_definition() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("FERRY_RECORDS is not set"));
+}
+
+#[test]
+fn floods_of_two_byte_lines_and_binary_output_round_trip_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 3 MiB of "y\n" on stdout, and every byte value (invalid UTF-8, NULs,
+    // no final newline) on stderr, interleaved with a result.
+    let plan = plan(
+        "t",
+        vec![def(
+            "flood",
+            &[
+                "yes | head -c 3145728",
+                "i=0; while [ $i -lt 256 ]; do printf \"\\\\$(printf %o $i)\"; i=$((i+1)); done >&2",
+                "lava-test-case flooded --result pass",
+                "printf 'no newline at the end'",
+            ],
+            0,
+        )],
+    );
+    install(dir.path(), &plan);
+    let (_, records) = run(dir.path());
+    let mut expected = b"y\n".repeat(3 << 19);
+    expected.extend_from_slice(b"<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=flooded RESULT=pass>\n");
+    expected.extend_from_slice(b"no newline at the end");
+    let stdout = output(&records, "flood", Stream::Stdout);
+    assert_eq!(stdout.len(), expected.len());
+    assert!(stdout == expected, "stdout differs");
+    let all: Vec<u8> = (0..=255u8).collect();
+    assert_eq!(output(&records, "flood", Stream::Stderr), all);
+    assert_eq!(results(&records).len(), 1);
+    // Compact: 3 MiB of 2-byte lines costs little more than 3 MiB.
+    let stored: u64 = std::fs::read_dir(dir.path().join(RECORDS_DIR))
+        .expect("dir")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum();
+    assert!(
+        stored < expected.len() as u64 * 11 / 10,
+        "{stored} bytes stored for {} of output",
+        expected.len()
+    );
+}
+
+#[test]
+fn output_over_its_quota_is_counted_and_later_results_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut p = plan(
+        "t",
+        vec![
+            def(
+                "noisy",
+                &[
+                    "yes | head -c 100000",
+                    "lava-test-case after-flood --result pass",
+                ],
+                0,
+            ),
+            def(
+                "quiet",
+                &["echo hi", "lava-test-case later --result pass"],
+                0,
+            ),
+        ],
+    );
+    p.definition_output_quota = 10_000;
+    install(dir.path(), &p);
+    let (_, records) = run(dir.path());
+    assert_eq!(output(&records, "noisy", Stream::Stdout).len(), 10_000);
+    assert_eq!(
+        output(&records, "quiet", Stream::Stdout),
+        b"hi\n<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=later RESULT=pass>\n"
+    );
+    let names: Vec<_> = results(&records).into_iter().map(|r| r.1).collect();
+    assert_eq!(names, vec!["after-flood", "later"]);
+    assert!(
+        records.iter().any(|r| r.body
+            == Body::OutputDropped {
+                definition: "noisy".into(),
+                reason: ferry_proto::record::DropReason::DefinitionQuota,
+                // the flood's rest, and the helper's signal line after it
+                bytes: 90_000
+                    + "<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=after-flood RESULT=pass>\n".len() as u64
+            }),
+        "{records:?}"
+    );
 }

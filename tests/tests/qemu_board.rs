@@ -149,7 +149,18 @@ fn smoke_job_on_the_virtual_board() {
         "{log}"
     );
     let events = run.text("events.jsonl");
-    assert!(events.contains("\"line\":\"hello from Linux\""));
+    assert!(events.contains("hello from Linux\\n"));
+    assert!(run
+        .text("test-output/smoke.stdout")
+        .contains("hello from Linux\n"));
+    // A clean end of the test boot: records closed, rootfs read-only before
+    // the reboot, so the master image finds nothing to replay or repair.
+    let console = run.text("console.log");
+    assert!(
+        !console.contains("recovery complete") && !console.contains("I/O error"),
+        "the test boot did not end cleanly:\n{}",
+        run.dump()
+    );
     // The test boot's kernel log is recorded too, from /dev/kmsg.
     assert!(
         events

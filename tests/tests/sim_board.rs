@@ -52,11 +52,13 @@ fn smoke_job_runs_end_to_end_with_exact_results() {
         format!("{:x}", Sha256::digest(&part[..1 << 20])),
         "73104fe9b6e01a37c714c5314a79ba6ac980aca296cdc8c365bff0f2706a2e56"
     );
-    // Every console byte is in the log, and every output line in the events.
+    // Every console byte is in the log, every output line in the events,
+    // and each definition's output, exact, in test-output/.
     assert!(run.text("console.log").contains("FERRY-AGENT role=test"));
+    assert!(run.text("events.jsonl").contains("hello from Linux\\n"));
     assert!(run
-        .text("events.jsonl")
-        .contains("\"line\":\"hello from Linux\""));
+        .text("test-output/smoke.stdout")
+        .contains("hello from Linux\n"));
     assert!(String::from_utf8_lossy(&run.output.stdout).contains("complete (exit 0)"));
     assert!(
         !board.powered(),
@@ -427,4 +429,55 @@ test:
         [0xc3, 0x28, 0xff],
         "other files come back byte-exact"
     );
+}
+
+#[test]
+fn a_definition_over_its_output_quota_completes_with_the_truncation_recorded() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "quota.yaml",
+        r#"job: quota
+timeouts: {job: 2m, test: 1m}
+quotas: {definition_output: 64KiB}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: noisy}
+        run:
+          steps:
+            - lava-test-case before --result pass
+            - yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c 1000000
+            - lava-test-case after --result pass
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: next}
+        run: {steps: ["echo still here", "lava-test-case later --result pass"]}
+"#,
+    );
+    let run = board.run(&job);
+    run.expect_outcome("complete");
+    assert_eq!(
+        run.results(),
+        vec![
+            r("noisy", "before", "pass"),
+            r("noisy", "after", "pass"),
+            r("next", "later", "pass"),
+            r("lava", "noisy", "pass"),
+            r("lava", "next", "pass")
+        ],
+        "{}",
+        run.dump()
+    );
+    // Exactly the quota was kept, and outcome.json says how much was not.
+    let kept = std::fs::read(run.dir.join("test-output/noisy.stdout")).expect("output");
+    assert_eq!(kept.len(), 64 << 10);
+    let warnings = run.json("outcome.json")["warnings"].to_string();
+    assert!(
+        warnings.contains("definition noisy:") && warnings.contains("output quota"),
+        "{warnings}\n{}",
+        run.dump()
+    );
+    assert!(run
+        .text("test-output/next.stdout")
+        .starts_with("still here\n"));
+    assert!(!board.powered());
 }
