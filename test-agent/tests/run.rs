@@ -345,3 +345,102 @@ fn output_over_its_quota_is_counted_and_later_results_are_kept() {
         "{records:?}"
     );
 }
+
+#[test]
+fn a_full_disk_drops_output_but_loses_no_result() {
+    // The rootfs is a 4 MiB tmpfs in a mount namespace of the test's own
+    // (as root, or as a user through a user namespace); the agent's binary
+    // stays outside, its helpers are links to it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let root = dir.path().join("root");
+    let kept = dir.path().join("kept");
+    std::fs::create_dir_all(src.join("ferry/bin")).expect("mkdir");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    for helper in ["lava-test-case", "lava-test-set"] {
+        std::os::unix::fs::symlink(BIN, src.join("ferry/bin").join(helper)).expect("link");
+    }
+    let p = plan(
+        "t",
+        vec![
+            def(
+                "fills",
+                &[
+                    "lava-test-case before --result pass",
+                    "yes | head -c 8000000",
+                    "lava-test-case after-full --result pass",
+                ],
+                0,
+            ),
+            def(
+                "later",
+                &["echo more", "lava-test-case later --result pass"],
+                0,
+            ),
+        ],
+    );
+    std::fs::write(src.join(PLAN_FILE), p.encode_to_vec()).expect("plan");
+    let script = format!(
+        "set -e; mount -t tmpfs -o size=4m ferry-full \"$ROOT\"; cp -a \"$SRC\"/. \"$ROOT\"; \
+         {BIN} run --reboot exit --boot-id b --root \"$ROOT\" >/dev/null; \
+         df -k \"$ROOT\"; cp -a \"$ROOT\"/ferry/records \"$KEPT\""
+    );
+    let root_user =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("proc")) == 0;
+    let out = Command::new("unshare")
+        .args(if root_user {
+            &["--mount"][..]
+        } else {
+            &["--user", "--map-root-user", "--mount"][..]
+        })
+        .args(["sh", "-c", &script])
+        .env("ROOT", &root)
+        .env("SRC", &src)
+        .env("KEPT", &kept)
+        .output()
+        .expect("unshare");
+    assert!(out.status.success(), "{out:?}");
+    let df = String::from_utf8_lossy(&out.stdout);
+    let mut names: Vec<_> = std::fs::read_dir(&kept)
+        .expect("records")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    names.sort();
+    let mut records = Vec::new();
+    for path in names {
+        let (reader, _) = Reader::new(std::fs::File::open(path).expect("open")).expect("header");
+        for item in reader {
+            if let Item::Record(r) = item.expect("item") {
+                records.push(r);
+            }
+        }
+    }
+    let names: Vec<_> = results(&records).into_iter().map(|r| r.1).collect();
+    assert_eq!(names, vec!["before", "after-full", "later"], "{df}");
+    let dropped: u64 = records
+        .iter()
+        .filter_map(|r| match &r.body {
+            Body::OutputDropped {
+                reason: ferry_proto::record::DropReason::DiskFull,
+                bytes,
+                ..
+            } => Some(*bytes),
+            _ => None,
+        })
+        .sum();
+    let kept_bytes = output(&records, "fills", Stream::Stdout).len() as u64;
+    assert!(dropped > 0, "the disk filled up: {df}");
+    assert!(
+        kept_bytes + dropped >= 8_000_000,
+        "every byte kept or counted: {kept_bytes} + {dropped}"
+    );
+    let finished = records
+        .iter()
+        .filter(|r| matches!(r.body, Body::DefinitionFinished { .. }))
+        .count();
+    assert_eq!(finished, 2);
+    assert!(matches!(
+        records.last().map(|r| &r.body),
+        Some(Body::AgentFinished {})
+    ));
+}
