@@ -64,7 +64,10 @@ pub struct RunContext {
     pub boot_id: String,
 }
 
-/// Runs every definition of `plan` in order.
+/// Runs every definition of `plan` in order. At the end, whatever the
+/// definitions left running in the background is killed: a leftover
+/// process could hold a file on the rootfs open for writing and keep it
+/// from being remounted read-only before the reboot.
 ///
 /// # Errors
 /// Only when recording itself fails; failing definitions are records.
@@ -74,8 +77,23 @@ pub fn run_plan(
     rec: &Recorder,
     mirror: &Mirror,
 ) -> Result<(), RunError> {
+    let mut groups = Vec::new();
+    let ran = run_all(ctx, plan, rec, mirror, &mut groups);
+    for pgid in groups {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    ran
+}
+
+fn run_all(
+    ctx: &RunContext,
+    plan: &TestPlan,
+    rec: &Recorder,
+    mirror: &Mirror,
+    groups: &mut Vec<Pid>,
+) -> Result<(), RunError> {
     for (index, def) in plan.definitions.iter().enumerate() {
-        if let Err(e) = run_definition(ctx, index, def, rec, mirror) {
+        if let Err(e) = run_definition(ctx, index, def, rec, mirror, groups) {
             if let RunError::Records(_) = e {
                 return Err(e);
             }
@@ -232,6 +250,7 @@ fn run_definition(
     def: &Definition,
     rec: &Recorder,
     mirror: &Mirror,
+    groups: &mut Vec<Pid>,
 ) -> Result<(), RunError> {
     let run_dir = ctx
         .root
@@ -278,6 +297,7 @@ fn run_definition(
             source,
         })?;
     let pgid = Pid::from_raw(child.id() as i32);
+    groups.push(pgid);
 
     let (tx, rx) = sync_channel(PIPE_QUEUE);
     if let Some(out) = child.stdout.take() {

@@ -444,3 +444,26 @@ fn a_full_disk_drops_output_but_loses_no_result() {
         Some(Body::AgentFinished {})
     ));
 }
+
+#[test]
+fn background_processes_left_by_definitions_are_killed_at_the_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = plan(
+        "t",
+        vec![def(
+            "leaves",
+            &["sleep 1000 >/dev/null 2>&1 & echo $! > \"$FERRY_RUN_DIR/pid\""],
+            0,
+        )],
+    );
+    install(dir.path(), &p);
+    run(dir.path());
+    let pid = std::fs::read_to_string(dir.path().join("ferry/run/0_leaves/pid")).expect("pid");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    // Gone, or a zombie waiting for its new parent to reap it.
+    let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+    assert!(
+        stat.is_empty() || state == Some('Z'),
+        "the leftover sleep still runs: {stat}"
+    );
+}
