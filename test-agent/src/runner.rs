@@ -430,11 +430,15 @@ mod tests {
         let text = String::from_utf8(console.0.lock().expect("lock").clone()).expect("utf8");
         // (the mirror's own "skipped" notes may come anywhere)
         let shown: Vec<&str> = text.lines().filter(|l| !l.starts_with("[ferry]")).collect();
-        assert_eq!(shown[..3], ["err", "hello", "world"]);
-        let ys = shown.iter().filter(|l| **l == "y").count() as u64;
+        let tagged = |l: &str| ferry_proto::console::mirror_output(l);
+        assert_eq!(
+            shown[..3],
+            [tagged("err"), tagged("hello"), tagged("world")]
+        );
+        let ys = shown.iter().filter(|l| **l == tagged("y")).count() as u64;
         assert_eq!(ys + skipped, 10_000, "{text}");
         assert!(skipped >= 10_000 - u64::from(MIRROR_LINES));
-        assert!(text.ends_with("tail\n"), "{text}");
+        assert!(text.ends_with(&format!("{}\n", tagged("tail"))), "{text}");
     }
 
     #[test]
