@@ -71,6 +71,21 @@ pub struct Config {
     /// How long a client may take to finish its TLS handshake.
     #[serde(default = "default_handshake", with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// Largest gRPC message the agent decodes or sends (a Deploy chunk is
+    /// 256 KiB); larger is refused before it is buffered.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Calls served at once on one connection (also its HTTP/2 streams).
+    #[serde(default = "default_max_calls")]
+    pub max_concurrent_calls: usize,
+    /// Longest any call may run, whatever deadline the caller sent (or none):
+    /// a caller that never finishes cannot hold a partition forever.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// HTTP/2 ping interval; a peer that does not answer within the same
+    /// time is dropped, and its calls with it.
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
     /// Delay between replying to Reboot and rebooting, so the reply gets out.
     #[serde(default = "default_reboot_delay", with = "humantime_serde")]
     pub reboot_delay: Duration,
@@ -96,6 +111,18 @@ fn default_idle() -> Duration {
 }
 fn default_handshake() -> Duration {
     Duration::from_secs(10)
+}
+fn default_max_message() -> usize {
+    4 << 20
+}
+fn default_max_calls() -> usize {
+    8
+}
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(20)
 }
 fn default_reboot_delay() -> Duration {
     Duration::from_millis(300)

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use ferry_proto::console::{Announcement, Role};
 use ferry_proto::master::v1::master_agent_server::MasterAgentServer;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::agent::Agent;
 use crate::auth::Auth;
@@ -167,10 +168,15 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
 
     let idle = config.stream_idle_timeout;
     let config_handshake = config.tls_handshake_timeout;
+    // The network is hostile too: bounded messages, calls, time and silence.
+    let (max_message, max_calls) = (config.max_message_bytes, config.max_concurrent_calls);
+    let (call_timeout, keepalive) = (config.call_timeout, config.keepalive);
     let agent = Arc::new(Agent::new(platform(&config), config, boot_id, console));
     let check = auth.clone();
-    let service = MasterAgentServer::with_interceptor(
-        Service::new(agent, idle, bundle_version),
+    let service = InterceptedService::new(
+        MasterAgentServer::new(Service::new(agent, idle, bundle_version))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         move |req: tonic::Request<()>| {
             check.check(req.metadata())?;
             Ok(req)
@@ -178,6 +184,11 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
     );
     tonic::transport::Server::builder()
         .tls_config(identity.server_config(config_handshake))?
+        .timeout(call_timeout)
+        .concurrency_limit_per_connection(max_calls)
+        .max_concurrent_streams(u32::try_from(max_calls).unwrap_or(u32::MAX))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .add_service(service)
         .serve_with_incoming(TcpListenerStream::new(listener))
         .await?;

@@ -234,6 +234,7 @@ impl MasterAgent for Service {
         let (tx, rx) = mpsc::channel(4);
         let (out_tx, out_rx) = mpsc::channel(4);
         let agent = self.agent.clone();
+        let idle = self.idle;
         tokio::spawn(async move {
             let forward = async {
                 let mut rx = ReceiverStream::new(rx);
@@ -261,14 +262,21 @@ impl MasterAgent for Service {
                             }
                         }
                     };
-                    if out_tx.send(Ok(chunk)).await.is_err() {
-                        return;
+                    // A caller that stops reading must not hold the partition:
+                    // give up after the idle timeout, which ends the reading thread.
+                    match tokio::time::timeout(idle, out_tx.send(Ok(chunk))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            tracing::warn!("results reader idle for {idle:?}: fetch abandoned");
+                            return;
+                        }
                     }
                 }
             };
             let (result, ()) = tokio::join!(agent.fetch(partition, tx), forward);
             if let Err(e) = result {
-                let _ = out_tx.send(Err(Status::from(e))).await;
+                let _ = tokio::time::timeout(idle, out_tx.send(Err(Status::from(e)))).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))

@@ -36,6 +36,11 @@ impl Drop for Agent {
 
 impl Agent {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts the usual simulated board with `extra` top-level config keys.
+    fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let d = dir.path();
         std::fs::create_dir_all(d.join("root")).expect("mkdir");
@@ -50,7 +55,9 @@ impl Agent {
              allowed_partitions: [small, testrootfs, gone]\nboot_partitions: [masterroot]\n\
              platform:\n  sim:\n    partitions:\n      bootsel: {file: bootsel}\n      small: {file: small}\n\
              \x20     testrootfs: {dir: root}\n      masterroot: {file: masterroot}\n      unlisted: {file: unlisted}\n\
-             \x20   mountinfo: mountinfo\nrecords: {max_file_bytes: 65536}\n",
+             \x20   mountinfo: mountinfo\nrecords: {max_file_bytes: 65536}\n"
+                .to_string()
+                + extra,
         )
         .expect("w");
         std::fs::write(d.join("mountinfo"), ROOT_MOUNT).expect("w");
@@ -881,4 +888,118 @@ async fn tls_is_pinned_to_the_announced_certificate_and_required() {
         .expect("pinned")
         .into_inner();
     assert_eq!(info.boot_id, "boot-1");
+}
+
+#[tokio::test]
+async fn oversized_messages_and_calls_that_never_end_are_cut_off() {
+    let mut agent = Agent::start_with("max_message_bytes: 1048576\ncall_timeout: 2s\n");
+    agent.send_token("boot-1", "t");
+    agent.wait_for("token accepted");
+    let mut c = agent.client().await;
+
+    let big = vec![1u8; 2 << 20];
+    let e = c
+        .deploy(deploy_req("small", big.clone(), sha256(&big), "t"))
+        .await
+        .expect_err("too large");
+    assert!(
+        e.message().contains("too large"),
+        "{:?}: {}",
+        e.code(),
+        e.message()
+    );
+
+    // A caller that sends a header and then nothing, with no deadline of its own.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let header = pb::DeployHeader {
+        partition: "small".into(),
+        sha256: "0".repeat(64),
+        ..Default::default()
+    };
+    tx.send(pb::DeployRequest {
+        msg: Some(pb::deploy_request::Msg::Header(header)),
+    })
+    .await
+    .expect("send");
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.deploy(authed(tokio_stream::wrappers::ReceiverStream::new(rx), "t")),
+    )
+    .await
+    .expect("the agent ends the call")
+    .expect_err("cut off");
+    assert_eq!(e.code(), Code::Cancelled, "{}", e.message());
+    println!("silent call ended after {:?}", started.elapsed());
+    drop(tx);
+
+    // The partition is free again once the abandoned writer has stopped.
+    let image = vec![9u8; 100];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match c
+            .deploy(deploy_req("small", image.clone(), sha256(&image), "t"))
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.message().contains("busy") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{:?}: {}", e.code(), e.message()),
+        }
+    }
+    assert_eq!(&agent.file("small")[..100], &image[..]);
+}
+
+#[tokio::test]
+async fn a_caller_that_stops_reading_results_does_not_hold_the_partition() {
+    let mut agent = Agent::start_with("stream_idle_timeout: 1s\n");
+    agent.send_token("boot-1", "t");
+    agent.wait_for("token accepted");
+    let mut c = agent.client().await;
+    let rec = agent.dir.path().join("root/ferry/records");
+    std::fs::create_dir_all(&rec).expect("mkdir");
+    // More than every buffer on the way holds, so the agent must wait for its reader.
+    for i in 0..100 {
+        std::fs::write(rec.join(format!("f{i:03}")), vec![b'r'; 65536]).expect("w");
+    }
+    let fetch = |c: &mut MasterAgentClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.fetch_results(authed(
+                pb::FetchResultsRequest {
+                    partition: "testrootfs".into(),
+                },
+                "t",
+            ))
+            .await
+            .expect("fetch")
+            .into_inner()
+        }
+    };
+    let mut stalled = fetch(&mut c).await;
+    stalled.message().await.expect("first chunk").expect("some");
+    // `stalled` is never read again; a second fetch gets the partition once
+    // the agent gives up on it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let bytes = loop {
+        let mut s = fetch(&mut c).await;
+        let mut bytes = 0;
+        let outcome = loop {
+            match s.message().await {
+                Ok(Some(m)) => bytes += m.data.len(),
+                Ok(None) => break Ok(bytes),
+                Err(e) => break Err(e),
+            }
+        };
+        match outcome {
+            Ok(n) => break n,
+            Err(e) if e.message().contains("busy") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{:?}: {}", e.code(), e.message()),
+        }
+    };
+    assert_eq!(bytes, 100 * 65536);
+    drop(stalled);
 }
