@@ -446,34 +446,25 @@ mod tests {
     }
 
     #[test]
-    fn a_records_folder_that_is_a_symlink_is_refused_not_followed() {
-        let t = tempfile::tempdir().expect("tmp");
-        let outside = t.path().join("outside");
-        std::fs::create_dir_all(outside.join("x")).expect("mkdir");
-        std::fs::write(outside.join("records.jsonl"), "secret").expect("w");
-        let root = t.path().join("root");
-        std::fs::create_dir_all(root.join("ferry")).expect("mkdir");
-        std::os::unix::fs::symlink(&outside, root.join(RECORDS_DIR)).expect("symlink");
-        let (files, refused) = fetch(&root, &RecordLimits::default());
-        assert!(files.is_empty());
-        assert!(refused[0].1.contains("symlink"), "{refused:?}");
-    }
-
-    #[test]
-    fn a_ferry_folder_leading_out_of_the_rootfs_is_refused_not_followed() {
-        let t = tempfile::tempdir().expect("tmp");
-        let outside = t.path().join("outside");
-        std::fs::create_dir_all(outside.join("records")).expect("mkdir");
-        std::fs::write(outside.join("records/records.jsonl"), "secret").expect("w");
-        let root = t.path().join("root");
-        std::fs::create_dir_all(&root).expect("mkdir");
-        std::os::unix::fs::symlink(&outside, root.join("ferry")).expect("symlink");
-        let (files, refused) = fetch(&root, &RecordLimits::default());
-        assert!(files.is_empty(), "{files:?}");
-        assert!(
-            refused[0].1.contains("inside the test rootfs"),
-            "{refused:?}"
-        );
+    fn a_records_folder_leading_out_of_the_rootfs_is_refused_not_followed() {
+        // A symlink in place of `ferry/records`, or of `ferry` itself.
+        for (link, said) in [
+            (RECORDS_DIR, "is a symlink"),
+            ("ferry", "inside the test rootfs"),
+        ] {
+            let t = tempfile::tempdir().expect("tmp");
+            let outside = t.path().join("outside");
+            std::fs::create_dir_all(outside.join("records")).expect("mkdir");
+            std::fs::write(outside.join("records.jsonl"), "secret").expect("w");
+            std::fs::write(outside.join("records/records.jsonl"), "secret").expect("w");
+            let root = t.path().join("root");
+            std::fs::create_dir_all(root.join("ferry")).expect("mkdir");
+            let _ = std::fs::remove_dir(root.join(link));
+            std::os::unix::fs::symlink(&outside, root.join(link)).expect("symlink");
+            let (files, refused) = fetch(&root, &RecordLimits::default());
+            assert!(files.is_empty(), "{link}: {files:?}");
+            assert!(refused[0].1.contains(said), "{link}: {refused:?}");
+        }
     }
 
     #[test]

@@ -134,7 +134,12 @@ impl Agent {
 
     /// A started agent that has accepted token "t", and a client.
     async fn authed() -> (Self, MasterAgentClient<Channel>) {
-        let mut agent = Agent::start();
+        Self::authed_with("").await
+    }
+
+    /// [`Agent::authed`] with `extra` top-level config keys.
+    async fn authed_with(extra: &str) -> (Self, MasterAgentClient<Channel>) {
+        let mut agent = Agent::start_with(extra);
         agent.send_token("boot-1", "t");
         agent.wait_for("token accepted");
         let c = agent.client().await;
@@ -892,10 +897,7 @@ async fn tls_is_pinned_to_the_announced_certificate_and_required() {
 
 #[tokio::test]
 async fn oversized_messages_and_calls_that_never_end_are_cut_off() {
-    let mut agent = Agent::start_with("max_message_bytes: 1048576\ncall_timeout: 2s\n");
-    agent.send_token("boot-1", "t");
-    agent.wait_for("token accepted");
-    let mut c = agent.client().await;
+    let (agent, mut c) = Agent::authed_with("max_message_bytes: 1048576\ncall_timeout: 2s\n").await;
 
     let big = vec![1u8; 2 << 20];
     let e = c
@@ -953,10 +955,7 @@ async fn oversized_messages_and_calls_that_never_end_are_cut_off() {
 
 #[tokio::test]
 async fn a_caller_that_stops_reading_results_does_not_hold_the_partition() {
-    let mut agent = Agent::start_with("stream_idle_timeout: 1s\n");
-    agent.send_token("boot-1", "t");
-    agent.wait_for("token accepted");
-    let mut c = agent.client().await;
+    let (agent, mut c) = Agent::authed_with("stream_idle_timeout: 1s\n").await;
     let rec = agent.dir.path().join("root/ferry/records");
     std::fs::create_dir_all(&rec).expect("mkdir");
     // More than every buffer on the way holds, so the agent must wait for its reader.
