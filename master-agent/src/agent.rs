@@ -107,18 +107,20 @@ pub struct Agent {
     boot_id: String,
     version: String,
     console: ConsoleWriter,
-    state: Mutex<Lifecycle>,
+    state: Arc<Mutex<Lifecycle>>,
 }
 
-/// Releases a partition claimed by a call.
-struct Claim<'a> {
-    agent: &'a Agent,
+/// Releases a partition claimed by a call. The blocking work owns it: a call
+/// whose client gave up (or whose deadline passed) keeps its partition until
+/// the work on it has really stopped.
+struct Claim {
+    state: Arc<Mutex<Lifecycle>>,
     partition: String,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.agent.state.lock() {
+        if let Ok(mut s) = self.state.lock() {
             s.busy.remove(&self.partition);
         }
     }
@@ -183,10 +185,10 @@ impl Agent {
             boot_id,
             version: crate::VERSION.into(),
             console,
-            state: Mutex::new(Lifecycle {
+            state: Arc::new(Mutex::new(Lifecycle {
                 phase: Phase::Ready,
                 busy: HashSet::new(),
-            }),
+            })),
         }
     }
 
@@ -251,7 +253,7 @@ impl Agent {
     }
 
     /// Claims `partition` if it is allowed and the phase allows `what`.
-    fn claim(&self, partition: &str, what: &str) -> Result<Claim<'_>, AgentError> {
+    fn claim(&self, partition: &str, what: &str) -> Result<Claim, AgentError> {
         self.allowed(partition)?;
         self.with_state(|s| {
             if matches!(s.phase, Phase::BootSelected(_) | Phase::Rebooting) {
@@ -266,7 +268,7 @@ impl Agent {
             Ok(())
         })?;
         Ok(Claim {
-            agent: self,
+            state: self.state.clone(),
             partition: partition.into(),
         })
     }
@@ -292,7 +294,7 @@ impl Agent {
         spec: ImageSpec,
         chunks: mpsc::Receiver<std::io::Result<Vec<u8>>>,
     ) -> Result<Written, AgentError> {
-        let _claim = self.claim(&spec.partition, "deploy")?;
+        let claim = self.claim(&spec.partition, "deploy")?;
         let platform = self.platform.clone();
         let name = spec.partition.clone();
         say(
@@ -300,6 +302,7 @@ impl Agent {
             &format!("[ferry] master-agent: deploying {} to {name}", spec.sha256),
         );
         let written = blocking(move || {
+            let _claim = claim;
             let target = platform.open_for_write(&spec.partition)?;
             Ok(deploy::write_image(
                 ChannelReader::new(chunks),
@@ -335,12 +338,13 @@ impl Agent {
             })?;
         }
         let plan = plan.encode_to_vec();
-        let _claim = self.claim(&partition, "install the test agent")?;
+        let claim = self.claim(&partition, "install the test agent")?;
         let platform = self.platform.clone();
         let bundle = self.config.test_agent_bundle.clone();
         let version = self.version.clone();
         let part = partition.clone();
         let installed = blocking(move || {
+            let _claim = claim;
             let mounted = platform.mount(&part, true)?;
             let installed = install::install(mounted.path(), &bundle, &plan, &version)?;
             mounted.unmount()?;
@@ -451,10 +455,11 @@ impl Agent {
         partition: String,
         tx: mpsc::Sender<results::Item>,
     ) -> Result<(), AgentError> {
-        let _claim = self.claim(&partition, "fetch results")?;
+        let claim = self.claim(&partition, "fetch results")?;
         let platform = self.platform.clone();
         let limits = self.config.records.clone();
         blocking(move || {
+            let _claim = claim;
             let mounted = platform.mount(&partition, false)?;
             results::for_each_item(mounted.path(), &limits, |item| {
                 tx.blocking_send(item).is_ok()

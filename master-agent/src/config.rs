@@ -86,6 +86,12 @@ pub struct Config {
     /// time is dropped, and its calls with it.
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub keepalive: Duration,
+    /// Connections open at once; one more is closed as it arrives.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// The longest timeout an `Exec` call may ask for.
+    #[serde(default = "default_exec_max", with = "humantime_serde")]
+    pub exec_max_timeout: Duration,
     /// Delay between replying to Reboot and rebooting, so the reply gets out.
     #[serde(default = "default_reboot_delay", with = "humantime_serde")]
     pub reboot_delay: Duration,
@@ -120,6 +126,12 @@ fn default_max_calls() -> usize {
 }
 fn default_call_timeout() -> Duration {
     Duration::from_secs(2 * 3600)
+}
+fn default_max_connections() -> usize {
+    8
+}
+fn default_exec_max() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_keepalive() -> Duration {
     Duration::from_secs(20)

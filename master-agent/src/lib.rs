@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod auth;
 pub mod config;
+pub mod connections;
 pub mod console;
 pub mod deploy;
 pub mod install;
@@ -27,7 +28,6 @@ use std::sync::Arc;
 
 use ferry_proto::console::{Announcement, Role};
 use ferry_proto::master::v1::master_agent_server::MasterAgentServer;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::agent::Agent;
@@ -171,6 +171,7 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
     // The network is hostile too: bounded messages, calls, time and silence.
     let (max_message, max_calls) = (config.max_message_bytes, config.max_concurrent_calls);
     let (call_timeout, keepalive) = (config.call_timeout, config.keepalive);
+    let max_connections = config.max_connections;
     let agent = Arc::new(Agent::new(platform(&config), config, boot_id, console));
     let check = auth.clone();
     let service = InterceptedService::new(
@@ -186,11 +187,13 @@ pub async fn run(config: Config, boot_id: String) -> Result<(), ServeError> {
         .tls_config(identity.server_config(config_handshake))?
         .timeout(call_timeout)
         .concurrency_limit_per_connection(max_calls)
+        // Past the limit a call is refused (UNAVAILABLE), not queued.
+        .load_shed(true)
         .max_concurrent_streams(u32::try_from(max_calls).unwrap_or(u32::MAX))
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive))
         .add_service(service)
-        .serve_with_incoming(TcpListenerStream::new(listener))
+        .serve_with_incoming(connections::capped(listener, max_connections))
         .await?;
     Ok(())
 }

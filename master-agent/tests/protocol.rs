@@ -1002,3 +1002,25 @@ async fn a_caller_that_stops_reading_results_does_not_hold_the_partition() {
     assert_eq!(bytes, 100 * 65536);
     drop(stalled);
 }
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_and_a_closed_one_makes_room() {
+    let (agent, mut c) = Agent::authed_with("max_connections: 2\n").await;
+    let short = ferry_dispatcher::device::Timeouts {
+        rpc: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let connect = || ferry_dispatcher::client::channel(&agent.announcement, None, &short);
+    // `c` and this one are open; a third is refused.
+    let second = connect().await.expect("second connection");
+    connect().await.expect_err("a third connection");
+    c.get_info(authed(pb::GetInfoRequest {}, "t"))
+        .await
+        .expect("the open ones still serve");
+    drop(second);
+    let mut third = MasterAgentClient::new(connect().await.expect("room again"));
+    third
+        .get_info(authed(pb::GetInfoRequest {}, "t"))
+        .await
+        .expect("served");
+}
