@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::outcome::INTERNAL_ERROR_EXIT;
+use crate::outcome::{Class, INTERNAL_ERROR_EXIT};
+use crate::run::Options;
 
 #[derive(Parser)]
 #[command(
@@ -18,19 +20,89 @@ struct Cli {
     command: Cmd,
 }
 
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a job. Exit codes: 0 complete, 2 job error, 3 infrastructure
-    /// error, 4 test error, 5 canceled (1: a bug in the dispatcher).
+    /// Run a job. Exit codes: 0 complete, 1 internal error, 2 job error,
+    /// 3 infrastructure error, 4 test error, 5 canceled.
     Run {
-        /// The device file (how to power, hear and reach the board).
-        #[arg(long)]
-        device: PathBuf,
+        /// The device file (how to power, hear and reach the board); give
+        /// several to spread `--repeat` runs over them.
+        #[arg(long, required_unless_present = "shard_across")]
+        device: Vec<PathBuf>,
         /// Output folder (created if missing).
         #[arg(long)]
         output: PathBuf,
+        /// Fail at once (infrastructure error) when another job holds the
+        /// device, instead of waiting for it within the job timeout.
+        #[arg(long)]
+        no_wait: bool,
+        /// Run the job N times and report flaky cases (`flakes.json`).
+        #[arg(long, value_name = "N", conflicts_with = "shard_across")]
+        repeat: Option<usize>,
+        /// Split the job's definitions across these devices, run them at
+        /// once, and merge the results.
+        #[arg(long, value_name = "DEVICE", num_args = 1.., conflicts_with = "device")]
+        shard_across: Vec<PathBuf>,
         /// The job file.
         job: PathBuf,
+    },
+    /// List the jobs running on this host (from the device locks).
+    List {
+        /// One JSON object per job instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a running job by job or device name, as SIGTERM does: its
+    /// board is powered off and its outputs written. Exit 0 when it ended,
+    /// 2 when no such job runs, 3 when it did not end in time.
+    Cancel {
+        /// A job name or a device name.
+        target: String,
+        /// How long to wait for it to end.
+        #[arg(long, default_value = "60s", value_parser = duration)]
+        timeout: Duration,
+    },
+    /// A lab of boards on this machine.
+    Lab {
+        #[command(subcommand)]
+        command: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Write a device file per board of SCENARIO (default: one simulated
+    /// board) as DIR/devices/NAME-N.yaml.
+    Up {
+        /// The lab folder.
+        #[arg(long)]
+        lab: PathBuf,
+        /// The scenario file.
+        scenario: Option<PathBuf>,
+    },
+    /// Power every board off, stop all they run, remove their state.
+    /// Refuses while jobs run unless --force (which cancels them). Exit 0
+    /// when nothing is left, 3 when something could not be removed.
+    Down {
+        /// The lab folder.
+        #[arg(long)]
+        lab: PathBuf,
+        /// Cancel running jobs and stop everything that can be stopped.
+        #[arg(long)]
+        force: bool,
+        /// Bound on each power-off and on the clean-up.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        timeout: Duration,
+    },
+    /// Each board: device file, powered or not, the job using it.
+    Status {
+        /// The lab folder.
+        #[arg(long)]
+        lab: PathBuf,
     },
 }
 
@@ -57,18 +129,137 @@ pub fn main() -> ExitCode {
         Cmd::Run {
             device,
             output,
+            no_wait,
+            repeat,
+            shard_across,
             job,
         } => {
-            // A panic outside the job's steps (which run::run catches itself)
-            // still powers the board off and writes the outcome.
+            let opts = Options {
+                no_wait,
+                shard: None,
+            };
             let outcome = runtime.block_on(async {
+                if !shard_across.is_empty() {
+                    return crate::runs::shard(&job, &shard_across, &output, opts).await;
+                }
+                if let Some(n) = repeat {
+                    return crate::runs::repeat(&job, &device, &output, n, opts).await;
+                }
+                let Some(device) = device.first().cloned() else {
+                    return crate::outcome::Outcome::from(crate::outcome::Failure::job(
+                        "no --device given",
+                    ));
+                };
+                // A panic outside the job's steps (which run::run catches
+                // itself) still powers the board off and writes the outcome.
                 let (j, d, o) = (job.clone(), device.clone(), output.clone());
-                match tokio::spawn(async move { crate::run::run(&j, &d, &o).await }).await {
+                match tokio::spawn(async move { crate::run::run_with(&j, &d, &o, opts).await })
+                    .await
+                {
                     Ok(outcome) => outcome,
                     Err(e) => crate::run::after_panic(&device, &output, e).await,
                 }
             });
             ExitCode::from(outcome.class.exit_code())
         }
+        Cmd::List { json } => {
+            let jobs = crate::lock::running();
+            if json {
+                for j in &jobs {
+                    println!("{}", serde_json::to_string(j).unwrap_or_default());
+                }
+            } else {
+                print!("{}", crate::jobs::table(&jobs));
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Cancel { target, timeout } => {
+            match runtime.block_on(crate::jobs::cancel(&target, timeout)) {
+                Ok(done) => {
+                    for h in done {
+                        println!(
+                            "canceled {h} on {}; outputs in {}",
+                            h.device,
+                            h.output.display()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dispatcher cancel: {e}");
+                    let class = match e {
+                        crate::jobs::CancelError::NotFound(_) => Class::JobError,
+                        _ => Class::InfrastructureError,
+                    };
+                    ExitCode::from(class.exit_code())
+                }
+            }
+        }
+        Cmd::Lab { command } => runtime.block_on(lab(command)),
+    }
+}
+
+async fn lab(cmd: LabCmd) -> ExitCode {
+    let fail = |e: crate::lab::LabError| {
+        eprintln!("dispatcher lab: {e}");
+        let class = match e {
+            crate::lab::LabError::Io { .. } => Class::InfrastructureError,
+            _ => Class::JobError,
+        };
+        ExitCode::from(class.exit_code())
+    };
+    match cmd {
+        LabCmd::Up { lab, scenario } => {
+            let scenario = match scenario {
+                Some(p) => match crate::lab::load_scenario(&p) {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                },
+                None => crate::lab::Scenario::default(),
+            };
+            match crate::lab::up(&lab, &scenario) {
+                Ok(l) => {
+                    for b in &l.boards {
+                        println!("{:<24} {}", b.device, b.device_file.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        LabCmd::Down {
+            lab,
+            force,
+            timeout,
+        } => match crate::lab::down(&lab, force, timeout).await {
+            Ok(left) if left.items.is_empty() => {
+                println!("lab {} is down; nothing left", lab.display());
+                ExitCode::SUCCESS
+            }
+            Ok(left) => {
+                eprintln!(
+                    "dispatcher lab down: could not remove: {}",
+                    left.items.join(", ")
+                );
+                ExitCode::from(Class::InfrastructureError.exit_code())
+            }
+            Err(e) => fail(e),
+        },
+        LabCmd::Status { lab } => match crate::lab::status(&lab) {
+            Ok(boards) => {
+                for b in boards {
+                    println!(
+                        "{:<24} {:<8} {:<4} {}",
+                        b.board.device,
+                        if b.powered { "on" } else { "off" },
+                        format!("{:?}", b.board.kind).to_lowercase(),
+                        b.job
+                            .map_or_else(|| "idle".to_string(), |h| format!("{h}, {}", h.phase))
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
     }
 }

@@ -17,6 +17,7 @@ use crate::console::{Console, Signal};
 use crate::device::Device;
 use crate::events::EventLog;
 use crate::job::Job;
+use crate::lock::DeviceLock;
 use crate::outcome::{Class, Failure, Outcome};
 use crate::output::{self, Boot};
 use crate::power;
@@ -69,6 +70,8 @@ struct Progress {
 
 /// One job's run.
 struct Ctx {
+    /// The device's lock, released explicitly once the board is off.
+    lock: Mutex<Option<DeviceLock>>,
     device: Device,
     job: Job,
     out: PathBuf,
@@ -82,6 +85,11 @@ impl Ctx {
     }
     fn set_phase(&self, p: Phase) {
         injected_panic(p);
+        if let Ok(mut l) = self.lock.lock() {
+            if let Some(l) = l.as_mut() {
+                l.set_phase(p.name());
+            }
+        }
         self.progress(|s| {
             s.phase = Some(p);
             s.tested |= p == Phase::Test;
@@ -141,19 +149,28 @@ enum Interrupted {
     Panic(String),
     Closed(String),
     Timeout,
+    /// The test image booted (only when the caller asked to be told).
+    TestBoot,
 }
 
 /// Waits until `deadline` for a master announcement from a boot other than
-/// `not`, noting every boot announced on the way (a test boot included).
+/// `not`, noting every boot announced on the way (a test boot included;
+/// with `stop_on_test`, a test boot ends the wait).
 async fn next_master(
     ctx: &Ctx,
     console: &mut Console,
     not: Option<&str>,
     deadline: tokio::time::Instant,
+    stop_on_test: bool,
 ) -> Result<Announcement, Interrupted> {
     loop {
         match console.next_signal(deadline, &ctx.events).await {
-            Signal::Announce(a) if a.role == Role::Test => ctx.saw(&a),
+            Signal::Announce(a) if a.role == Role::Test => {
+                ctx.saw(&a);
+                if stop_on_test {
+                    return Err(Interrupted::TestBoot);
+                }
+            }
             Signal::Announce(a) if Some(a.boot.as_str()) != not && ctx.pins(&a) => {
                 ctx.saw(&a);
                 return Ok(a);
@@ -168,27 +185,39 @@ async fn next_master(
 }
 
 /// Waits for the master agent of a new boot while the board is the lab's
-/// responsibility: anything in the way is an infrastructure error.
-async fn wait_master(
+/// responsibility: anything in the way is an infrastructure error; with
+/// `stop_on_test`, a test boot too (the `bool` says which).
+async fn wait_master_or_test(
     ctx: &Ctx,
     console: &mut Console,
     not: Option<&str>,
     timeout: Duration,
-) -> Result<Announcement, Failure> {
+    stop_on_test: bool,
+) -> Result<Announcement, (Failure, bool)> {
     let deadline = tokio::time::Instant::now() + timeout;
-    next_master(ctx, console, not, deadline)
+    next_master(ctx, console, not, deadline, stop_on_test)
         .await
-        .map_err(|why| match why {
-            Interrupted::Panic(line) => Failure::infra(format!(
-                "kernel panic while booting the master image: {line}"
-            )),
-            Interrupted::Closed(why) => Failure::infra(format!(
-                "console closed while waiting for the master agent: {why}"
-            )),
-            Interrupted::Timeout => Failure::infra(format!(
-                "the master agent did not announce itself within {timeout:?}"
-            )),
+        .map_err(|why| {
+            let test_boot = matches!(why, Interrupted::TestBoot);
+            (wait_failure(why, timeout), test_boot)
         })
+}
+
+fn wait_failure(why: Interrupted, timeout: Duration) -> Failure {
+    match why {
+        Interrupted::TestBoot => {
+            Failure::infra("the test image booted where the master image was expected")
+        }
+        Interrupted::Panic(line) => Failure::infra(format!(
+            "kernel panic while booting the master image: {line}"
+        )),
+        Interrupted::Closed(why) => Failure::infra(format!(
+            "console closed while waiting for the master agent: {why}"
+        )),
+        Interrupted::Timeout => Failure::infra(format!(
+            "the master agent did not announce itself within {timeout:?}"
+        )),
+    }
 }
 
 /// How often the token line is written again until the boot authenticates:
@@ -259,7 +288,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     let mut console = Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
 
     ctx.set_phase(Phase::Boot);
-    let master = wait_master(ctx, &mut console, None, d.timeouts.announce).await?;
+    let master = reach_master(ctx, &mut console, None, false).await?;
     let mut session = authenticate(ctx, &mut console, &master).await?;
 
     ctx.set_phase(Phase::Deploy);
@@ -303,8 +332,14 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     ctx.set_phase(Phase::Test);
     let deadline = tokio::time::Instant::now() + ctx.job.timeouts.test;
     // What went wrong in the test boot, found before the results are fetched.
-    let (back, mut problem) = match next_master(ctx, &mut console, Some(&master.boot), deadline)
-        .await
+    let (back, mut problem) = match next_master(
+        ctx,
+        &mut console,
+        Some(&master.boot),
+        deadline,
+        false,
+    )
+    .await
     {
         Ok(back) => (back, None),
         Err(Interrupted::Panic(line)) => {
@@ -314,7 +349,8 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
                 Some(Failure::test(why)),
             )
         }
-        Err(Interrupted::Timeout) => {
+        // (No TestBoot: this wait does not stop on one.)
+        Err(Interrupted::Timeout | Interrupted::TestBoot) => {
             let why = format!(
                 "the test image did not return within the test timeout ({:?}); the board was hard reset",
                 ctx.job.timeouts.test
@@ -335,23 +371,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
         }
     };
 
-    ctx.set_phase(Phase::Fetch);
-    let mut session = authenticate(ctx, &mut console, &back).await?;
-    // A reused output folder's old records were cleared at the start.
-    let board_dir = ctx.out.join(output::BOARD_DIR);
-    let fetched = session
-        .fetch(part, &board_dir, d.timeouts.fetch, d.timeouts.fetch_idle)
-        .await;
-    load_records(ctx, &board_dir);
-    let fetched = fetched?;
-    for w in &fetched.warnings {
-        ctx.events.say("dispatcher", format!("warning: {w}"));
-    }
-    ctx.progress(|s| s.warnings.extend(fetched.warnings.iter().cloned()));
-    ctx.events.say(
-        "dispatcher",
-        format!("fetched {} record file(s)", fetched.files.len()),
-    );
+    fetch_records(ctx, &mut console, &back).await?;
 
     // Whether the test image booted and finished is decided by the test
     // agent's own records; its console announcement is only a hint (a lost
@@ -394,6 +414,58 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     problem.map_or(Ok(()), Err)
 }
 
+/// Returns the test agent's records through the master agent of `back`.
+async fn fetch_records(
+    ctx: &Ctx,
+    console: &mut Console,
+    back: &Announcement,
+) -> Result<(), Failure> {
+    ctx.set_phase(Phase::Fetch);
+    let mut session = authenticate(ctx, console, back).await?;
+    // A reused output folder's old records were cleared at the start.
+    let board_dir = ctx.out.join(output::BOARD_DIR);
+    let d = &ctx.device;
+    let fetched = session
+        .fetch(
+            &d.test_rootfs,
+            &board_dir,
+            d.timeouts.fetch,
+            d.timeouts.fetch_idle,
+        )
+        .await;
+    load_records(ctx, &board_dir);
+    let fetched = fetched?;
+    for w in &fetched.warnings {
+        ctx.events.say("dispatcher", format!("warning: {w}"));
+    }
+    ctx.progress(|s| s.warnings.extend(fetched.warnings.iter().cloned()));
+    ctx.events.say(
+        "dispatcher",
+        format!("fetched {} record file(s)", fetched.files.len()),
+    );
+    Ok(())
+}
+
+/// After a cancel or a job timeout while the board ran the test image:
+/// hard reset it to its master image and fetch what the test agent had
+/// recorded, so no result recorded before the end is lost. Bounded by the
+/// device's own timeouts; a second signal stops it.
+async fn salvage(ctx: &Ctx) -> Result<(), Failure> {
+    let d = &ctx.device;
+    let first_master = ctx
+        .progress(|s| s.boots.first().map(|b| b.boot.clone()))
+        .flatten();
+    let mut console = Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
+    let back = recover(
+        ctx,
+        &mut console,
+        first_master.as_deref().unwrap_or_default(),
+        "the job is ending while the board runs the test image",
+    )
+    .await?;
+    fetch_records(ctx, &mut console, &back).await
+}
+
 /// Forces the board back to its master image after a test boot went wrong:
 /// hard reset, reopen the console if it closed, wait for a new master boot.
 async fn recover(
@@ -402,14 +474,41 @@ async fn recover(
     old_master: &str,
     why: &str,
 ) -> Result<Announcement, Failure> {
-    let d = &ctx.device;
     ctx.events.say("dispatcher", format!("{why}: hard reset"));
-    power::reset(d, &ctx.events).await?;
-    console.discard_pending();
-    if console.is_closed() {
-        *console = Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
+    reach_master(ctx, console, Some(old_master), true).await
+}
+
+/// Brings the board to a master boot other than `not`, after a hard reset
+/// when `reset_first`. When the test image boots instead (its boot-once
+/// flag was still set: a reset before the bootloader consumed it, or a job
+/// that died mid-way), one more hard reset finds the master.
+async fn reach_master(
+    ctx: &Ctx,
+    console: &mut Console,
+    not: Option<&str>,
+    reset_first: bool,
+) -> Result<Announcement, Failure> {
+    let d = &ctx.device;
+    for last in [false, true] {
+        if reset_first || last {
+            power::reset(d, &ctx.events).await?;
+            console.discard_pending();
+            if console.is_closed() {
+                *console =
+                    Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
+            }
+        }
+        match wait_master_or_test(ctx, console, not, d.timeouts.announce, !last).await {
+            Err((_, true)) => ctx.events.say(
+                "dispatcher",
+                "the test image booted where the master image was expected (its boot-once flag was still set): hard reset",
+            ),
+            other => return other.map_err(|(f, _)| f),
+        }
     }
-    wait_master(ctx, console, Some(old_master), d.timeouts.announce).await
+    Err(Failure::infra(
+        "the board did not return to its master image",
+    ))
 }
 
 /// Streams whatever record files arrived into the output folder and the
@@ -488,8 +587,22 @@ async fn cancelled() -> &'static str {
     }
 }
 
+/// How a run treats a device another job is using.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Fail at once (infrastructure error) instead of waiting for the device.
+    pub no_wait: bool,
+    /// Run only shard `i` of `n`: the plan's definitions `i`, `i + n`...
+    pub shard: Option<(usize, usize)>,
+}
+
 /// Runs `job` on `device`, writing everything to `out`.
 pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
+    run_with(job_path, device_path, out, Options::default()).await
+}
+
+/// [`run`] with [`Options`].
+pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Options) -> Outcome {
     let started = SystemTime::now();
     if let Err(e) = std::fs::create_dir_all(out).and_then(|()| output::clear(out)) {
         return Outcome {
@@ -526,17 +639,50 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
         Err(f) => return unstarted(f, None),
     };
     let job = match Job::load(job_path, &device) {
-        Ok(j) => j,
+        Ok(mut j) => {
+            if let Some((i, n)) = opts.shard {
+                let defs = std::mem::take(&mut j.plan.definitions);
+                j.plan.definitions = defs.into_iter().skip(i).step_by(n.max(1)).collect();
+            }
+            j
+        }
         Err(f) => {
-            // The board may be on from an earlier job: leave it off.
-            let _ = power::off(&device, &events).await;
+            // The board may be on from an earlier job: leave it off, unless
+            // another job is using it.
+            if DeviceLock::try_now(&device.name).is_some() {
+                let _ = power::off(&device, &events).await;
+            }
             return unstarted(f, Some(&device));
         }
     };
     for w in &job.warnings {
         events.say("dispatcher", format!("warning: {w}"));
     }
+    // One job per device. The wait counts against the job's timeout.
+    let waiting = Instant::now();
+    let wait = if opts.no_wait {
+        Duration::ZERO
+    } else {
+        job.timeouts.job
+    };
+    let lock = tokio::select! {
+        l = DeviceLock::acquire(&device.name, &job.name, out, wait) => l,
+        sig = cancelled() => {
+            return unstarted(Failure { class: Class::Canceled, message: format!("canceled by {sig} while waiting for device {}", device.name) }, Some(&device));
+        }
+    };
+    let lock = match lock {
+        Ok((lock, stale)) => {
+            if let Some(m) = stale {
+                events.say("dispatcher", m);
+            }
+            lock
+        }
+        // Never power off a board another job is using.
+        Err(e) => return unstarted(Failure::infra(e.to_string()), Some(&device)),
+    };
     let ctx = Arc::new(Ctx {
+        lock: Mutex::new(Some(lock)),
         progress: Mutex::new(Progress {
             pinned: device.network.address,
             ..Progress::default()
@@ -546,7 +692,7 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
         out: out.into(),
         events: events.clone(),
     });
-    let job_timeout = ctx.job.timeouts.job;
+    let job_timeout = ctx.job.timeouts.job.saturating_sub(waiting.elapsed());
     // The steps run as their own task so that a bug (a panic) in them still
     // ends here: the board is powered off and the output folder written.
     let mut task = tokio::spawn({
@@ -570,6 +716,28 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
         sig = cancelled() => Err(Failure { class: Class::Canceled, message: format!("canceled by {sig}") }),
     };
     task.abort();
+    // Ended while the board ran the test image: fetch what it recorded.
+    if result.is_err() && ctx.phase() == Phase::Test {
+        let d = &ctx.device;
+        let bound = d.timeouts.console
+            + 2 * d.timeouts.power
+            + d.timeouts.announce
+            + d.timeouts.rpc
+            + d.timeouts.fetch;
+        let salvaged = tokio::select! {
+            r = tokio::time::timeout(bound, salvage(&ctx)) => r.unwrap_or_else(|_| Err(Failure::infra(format!("fetching the records took longer than {bound:?}")))),
+            sig = cancelled() => Err(Failure::infra(format!("{sig} again: the records were not fetched"))),
+        };
+        if let Err(f) = salvaged {
+            events.say(
+                "dispatcher",
+                format!(
+                    "results recorded on the board could not be fetched: {}",
+                    f.message
+                ),
+            );
+        }
+    }
     ctx.set_phase(Phase::Done);
     let mut outcome = match result {
         Ok(()) => Outcome {
@@ -613,5 +781,9 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
         results: &results,
         started,
     });
+    // The board is off and everything written: the next job may have it.
+    if let Ok(mut l) = ctx.lock.lock() {
+        l.take();
+    }
     outcome
 }

@@ -51,6 +51,10 @@ enum Cmd {
     Reset,
     /// Run the board in the foreground (what `on` starts).
     Run,
+    /// Make the board's folder (partitions, agent config, test-agent
+    /// bundle) without powering it: what the first `on` would do, ahead of
+    /// time (`dispatcher lab up` does this).
+    Prepare,
 }
 
 /// Entry point of the binary.
@@ -70,6 +74,7 @@ pub fn main() -> ExitCode {
         Cmd::Off => off(&layout, cli.timeout),
         Cmd::Reset => reset(&layout, cli.agents, cli.timeout),
         Cmd::Run => supervisor::run(&layout).map_err(Into::into),
+        Cmd::Prepare => agents_dir(cli.agents).and_then(|a| layout.ensure(&a).map_err(Into::into)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -220,7 +220,18 @@ impl SimBoard {
                 "../../target/debug/ferry-sim-board",
                 &bin("ferry-sim-board").display().to_string(),
             )
-            .replace("../../target/sim-board", &board.display().to_string());
+            .replace("../../target/sim-board", &board.display().to_string())
+            // One lock per device name: each test's board is its own device.
+            .replace(
+                "device: sim-board\n",
+                &format!(
+                    "device: sim-board-{}\n",
+                    tmp.path()
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("x")
+                ),
+            );
         let device = tmp.path().join("sim-board.yaml");
         std::fs::write(&device, edit(text)).expect("device file");
         SimBoard { tmp, device, board }

@@ -68,7 +68,9 @@ impl QemuBoard {
                 &workspace().join("images/qemu-board").display().to_string(),
             )
             .replace("../../target/qemu-board", &state.display().to_string())
-            .replace("ferry-qemu0", &netns);
+            .replace("ferry-qemu0", &netns)
+            // One lock per device name: each test's board is its own device.
+            .replace("device: qemu-x86_64", &format!("device: {netns}"));
         let text = match tcp_port {
             None => text,
             Some(port) => {

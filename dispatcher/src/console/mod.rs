@@ -51,7 +51,16 @@ pub struct Console {
     telnet: bool,
     lines: mpsc::UnboundedReceiver<Seen>,
     closed: Option<String>,
+    /// The reader task: it holds the reading half (and a tty's exclusive
+    /// lock), so it ends with the console.
+    reader: tokio::task::JoinHandle<()>,
     _child: Option<tokio::process::Child>,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 async fn open_once(
@@ -126,12 +135,13 @@ impl Console {
         let (tx, lines) = mpsc::unbounded_channel();
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let telnet = matches!(spec, Spec::Telnet(_));
-        tokio::spawn(read(reader, tx, events, telnet.then(|| writer.clone())));
+        let reader = tokio::spawn(read(reader, tx, events, telnet.then(|| writer.clone())));
         Ok(Console {
             writer,
             telnet,
             lines,
             closed: None,
+            reader,
             _child: child,
         })
     }
