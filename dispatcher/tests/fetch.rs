@@ -75,6 +75,15 @@ impl MasterAgent for Board {
         unused()
     }
 
+    type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecReply, Status>> + Send>>;
+
+    async fn exec(
+        &self,
+        _: Request<Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        unused()
+    }
+
     type FetchResultsStream = Chunks;
 
     async fn fetch_results(

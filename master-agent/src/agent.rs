@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_proto::plan::v1::TestPlan;
 use prost::Message;
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::console::{say, ConsoleWriter};
 use crate::deploy::{self, DeployError, ImageSpec, Written, SOURCE_BROKE};
+use crate::exec::{self, ExecError, ExecSpec, Exit, Output};
 use crate::install::{self, InstallError, Installed};
 use crate::platform::{self, PartitionInfo, Platform, PlatformError};
 use crate::results::{self, ResultsError};
@@ -90,6 +92,9 @@ pub enum AgentError {
         /// Exit status and stderr, or why it could not run.
         why: String,
     },
+    /// From running a command.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
     /// A blocking task died.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -195,6 +200,11 @@ impl Agent {
     /// This boot's id.
     pub fn boot_id(&self) -> &str {
         &self.boot_id
+    }
+
+    /// The longest timeout an Exec call may ask for.
+    pub fn exec_max_timeout(&self) -> Duration {
+        self.config.exec_max_timeout
     }
 
     /// The platform's kind.
@@ -415,6 +425,28 @@ impl Agent {
             )));
         }
         Ok(())
+    }
+
+    /// Runs a command for a lab engineer (see [`exec`]), in any phase but a
+    /// reboot.
+    ///
+    /// # Errors
+    /// A bad request, a reboot under way, or the command's own failure.
+    pub async fn exec(
+        &self,
+        spec: ExecSpec,
+        stdin: mpsc::Receiver<Vec<u8>>,
+        out: mpsc::Sender<Output>,
+    ) -> Result<Exit, AgentError> {
+        spec.check(self.config.exec_max_timeout)?;
+        self.with_state(|s| match s.phase {
+            Phase::Rebooting => Err(AgentError::Precondition(
+                "cannot run a command while rebooting".into(),
+            )),
+            _ => Ok(()),
+        })?;
+        tracing::info!(argv = ?spec.argv, timeout = ?spec.timeout, "exec");
+        Ok(exec::run(spec, stdin, out).await?)
     }
 
     /// Starts a reboot shortly after the caller has replied.

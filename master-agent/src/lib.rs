@@ -17,6 +17,7 @@ pub mod config;
 pub mod connections;
 pub mod console;
 pub mod deploy;
+pub mod exec;
 pub mod install;
 pub mod platform;
 pub mod results;

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::{Agent, AgentError};
 use crate::deploy::{Compression, DeployError, ImageSpec, SOURCE_BROKE};
+use crate::exec::{ExecError, ExecSpec, Exit, Output};
 use crate::install::InstallError;
 use crate::platform::PlatformError;
 use crate::results::Item;
@@ -50,6 +51,17 @@ impl From<AgentError> for Status {
             },
             AgentError::Results(_) | AgentError::BootHook { .. } => Status::internal(msg),
             AgentError::Task(_) => Status::internal(msg),
+            AgentError::Exec(x) => match x {
+                ExecError::Invalid(_) => Status::invalid_argument(msg),
+                ExecError::Spawn { source, .. } => match source.kind() {
+                    std::io::ErrorKind::NotFound => Status::not_found(msg),
+                    std::io::ErrorKind::PermissionDenied => Status::permission_denied(msg),
+                    _ => Status::internal(msg),
+                },
+                ExecError::TimedOut { .. } => Status::deadline_exceeded(msg),
+                ExecError::ClientGone { .. } => Status::cancelled(msg),
+                ExecError::Wait { .. } => Status::internal(msg),
+            },
         }
     }
 }
@@ -82,6 +94,7 @@ fn compression(c: i32) -> Compression {
     }
 }
 
+type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecReply, Status>> + Send>>;
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ResultsChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -280,5 +293,87 @@ impl MasterAgent for Service {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    type ExecStream = ExecStream;
+
+    async fn exec(
+        &self,
+        req: Request<Streaming<pb::ExecRequest>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        let mut stream = req.into_inner();
+        let first = tokio::time::timeout(self.idle, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Exec start message received"))??;
+        let Some(pb::ExecRequest {
+            msg: Some(pb::exec_request::Msg::Start(start)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument(
+                "the first Exec message must carry the command",
+            ));
+        };
+        let mut env: Vec<(String, String)> = start.env.into_iter().collect();
+        env.sort();
+        let spec = ExecSpec {
+            argv: start.argv,
+            env,
+            cwd: (!start.cwd.is_empty()).then(|| start.cwd.into()),
+            timeout: Duration::from_millis(start.timeout_ms),
+        };
+        // Refuse a bad request as the call's status, before any reply.
+        spec.check(self.agent.exec_max_timeout())
+            .map_err(|e| Status::from(AgentError::from(e)))?;
+        let (in_tx, in_rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            // Stdin until the client half-closes (or goes): then EOF.
+            while let Ok(Some(m)) = stream.message().await {
+                if let Some(pb::exec_request::Msg::Stdin(bytes)) = m.msg {
+                    if in_tx.send(bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let (out_tx, mut out_rx) = mpsc::channel(16);
+        let (reply_tx, reply_rx) = mpsc::channel(16);
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let forward = async {
+                loop {
+                    let output = tokio::select! {
+                        o = out_rx.recv() => o,
+                        // The client went away: dropping `out_rx` ends the command.
+                        () = reply_tx.closed() => return,
+                    };
+                    let Some(output) = output else { return };
+                    let msg = match output {
+                        Output::Stdout(b) => pb::exec_reply::Msg::Stdout(b),
+                        Output::Stderr(b) => pb::exec_reply::Msg::Stderr(b),
+                    };
+                    if reply_tx
+                        .send(Ok(pb::ExecReply { msg: Some(msg) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(agent.exec(spec, in_rx, out_tx), forward);
+            let last = match result {
+                Ok(exit) => Ok(pb::ExecReply {
+                    msg: Some(pb::exec_reply::Msg::Exit(pb::ExecExit {
+                        status: Some(match exit {
+                            Exit::Code(c) => pb::exec_exit::Status::Code(c),
+                            Exit::Signal(s) => pb::exec_exit::Status::Signal(s),
+                        }),
+                    })),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = reply_tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(reply_rx))))
     }
 }

@@ -783,6 +783,21 @@ async fn call_every_rpc(
             .await
             .map(drop),
     );
+    let marker = std::env::temp_dir().join(format!("ferry-exec-unauthed-{}", std::process::id()));
+    let start = pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Start(pb::ExecStart {
+            argv: vec!["touch".into(), marker.display().to_string()],
+            timeout_ms: 5000,
+            ..Default::default()
+        })),
+    };
+    push(
+        "Exec",
+        c.exec(req(tokio_stream::iter(vec![start]), token))
+            .await
+            .map(drop),
+    );
+    assert!(!marker.exists(), "Exec ran a command without the token");
     out
 }
 
@@ -1023,4 +1038,84 @@ async fn connections_past_the_cap_are_closed_and_a_closed_one_makes_room() {
         .get_info(authed(pb::GetInfoRequest {}, "t"))
         .await
         .expect("served");
+}
+
+/// Runs argv through Exec with `stdin`; returns (stdout, stderr, the end).
+async fn exec(
+    c: &mut MasterAgentClient<Channel>,
+    argv: &[&str],
+    stdin: &[u8],
+    timeout_ms: u64,
+) -> (String, String, Result<pb::exec_exit::Status, tonic::Status>) {
+    let mut msgs = vec![pb::ExecRequest {
+        msg: Some(pb::exec_request::Msg::Start(pb::ExecStart {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: [("GREETING".to_string(), "hello".to_string())].into(),
+            cwd: "/".into(),
+            timeout_ms,
+        })),
+    }];
+    if !stdin.is_empty() {
+        msgs.push(pb::ExecRequest {
+            msg: Some(pb::exec_request::Msg::Stdin(stdin.to_vec())),
+        });
+    }
+    let (mut o, mut e) = (Vec::new(), Vec::new());
+    let mut replies = match c.exec(authed(tokio_stream::iter(msgs), "t")).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return (String::new(), String::new(), Err(s)),
+    };
+    let end = loop {
+        match replies.message().await {
+            Ok(Some(pb::ExecReply { msg: Some(m) })) => match m {
+                pb::exec_reply::Msg::Stdout(b) => o.extend(b),
+                pb::exec_reply::Msg::Stderr(b) => e.extend(b),
+                pb::exec_reply::Msg::Exit(x) => {
+                    break x.status.ok_or_else(|| tonic::Status::unknown("no status"))
+                }
+            },
+            Ok(_) => break Err(tonic::Status::unknown("stream ended without an exit")),
+            Err(s) => break Err(s),
+        }
+    };
+    (
+        String::from_utf8_lossy(&o).into(),
+        String::from_utf8_lossy(&e).into(),
+        end,
+    )
+}
+
+#[tokio::test]
+async fn exec_streams_output_and_status_and_maps_its_errors() {
+    let (_agent, mut c) = Agent::authed_with("exec_max_timeout: 10s\n").await;
+    let (o, e, end) = exec(
+        &mut c,
+        &[
+            "sh",
+            "-c",
+            "cat; echo \"$GREETING from $(pwd)\"; echo err >&2; exit 7",
+        ],
+        b"in\n",
+        5000,
+    )
+    .await;
+    assert_eq!((o.as_str(), e.as_str()), ("in\nhello from /\n", "err\n"));
+    assert_eq!(end.expect("exit"), pb::exec_exit::Status::Code(7));
+
+    let (_, _, end) = exec(&mut c, &["sh", "-c", "kill -KILL $$"], b"", 5000).await;
+    assert_eq!(end.expect("exit"), pb::exec_exit::Status::Signal(9));
+
+    let (o, _, end) = exec(&mut c, &["sh", "-c", "echo before; sleep 30"], b"", 500).await;
+    assert_eq!(o, "before\n", "output before the timeout arrives");
+    assert_eq!(end.expect_err("timeout").code(), Code::DeadlineExceeded);
+
+    for (argv, timeout, code) in [
+        (&["/nonexistent/ferry-no-such"][..], 1000, Code::NotFound),
+        (&[][..], 1000, Code::InvalidArgument),
+        (&["true"][..], 60_000, Code::InvalidArgument),
+        (&["true"][..], 0, Code::InvalidArgument),
+    ] {
+        let (_, _, end) = exec(&mut c, argv, b"", timeout).await;
+        assert_eq!(end.expect_err("refused").code(), code, "{argv:?} {timeout}");
+    }
 }
