@@ -277,7 +277,7 @@ mod tests {
             set: None,
         };
         let starts = write_file(
-            &board.join("agent.ferryrec"),
+            &board.join(ferry_proto::record::RECORDS_FILE),
             &[
                 output(b"hello wo"),
                 output(b"rld\n\xff\xfe bin\nx"),
@@ -287,7 +287,7 @@ mod tests {
             ],
         );
         // Corrupt the "lost" record on disk.
-        let path = board.join("agent.ferryrec");
+        let path = board.join(ferry_proto::record::RECORDS_FILE);
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[starts[3] + 18] ^= 1;
         std::fs::write(&path, &bytes).expect("write");

@@ -22,8 +22,18 @@ pub const FERRY_DIR: &str = "ferry";
 /// Folder (relative to the test rootfs) holding the records; every regular
 /// file in it is a records file and is fetched.
 pub const RECORDS_DIR: &str = "ferry/records";
-/// The test agent's records file, inside [`RECORDS_DIR`].
-pub const RECORDS_FILE: &str = "agent.ferryrec";
+/// The test agent's first records file, inside [`RECORDS_DIR`]; it starts
+/// a new file ([`agent_file`]) every [`ROTATE_BYTES`], so no one file grows
+/// past what a master agent returns per file.
+pub const RECORDS_FILE: &str = "agent-0000.ferryrec";
+/// Size after which the test agent starts its next records file.
+pub const ROTATE_BYTES: u64 = 256 << 20;
+
+/// Name of the test agent's records file number `index` (name order is
+/// write order).
+pub fn agent_file(index: u32) -> String {
+    format!("agent-{index:04}{RECORDS_SUFFIX}")
+}
 /// Suffix of every records file (helpers that cannot reach the agent write
 /// `helper-<pid>.ferryrec` beside the agent's file).
 pub const RECORDS_SUFFIX: &str = ".ferryrec";

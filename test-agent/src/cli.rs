@@ -218,7 +218,7 @@ fn run_recorded(
         ..Settings::default()
     };
     let records = dir.join(RECORDS_FILE);
-    let writer = Writer::create(&records, header, settings)?;
+    let writer = Writer::create(&dir, header, settings)?;
     let rec = writer.recorder();
     let socket = crate::socket::name_for(std::process::id());
     let ran = (|| -> anyhow::Result<()> {

@@ -141,8 +141,8 @@ mod tests {
         if exists {
             std::fs::write(&source, kmsg).expect("w");
         }
-        let path = dir.path().join("r");
-        let w = Writer::create(&path, Header::default(), Settings::default()).expect("w");
+        let path = dir.path().join(ferry_proto::record::RECORDS_FILE);
+        let w = Writer::create(dir.path(), Header::default(), Settings::default()).expect("w");
         spawn(source, w.recorder()).join().expect("thread");
         w.close().expect("close");
         let f = std::fs::File::open(&path).expect("open");

@@ -19,7 +19,9 @@ use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryR
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_proto::record::{Body, DropReason, Encoder, Header, Stream, MAX_CHUNK};
+use ferry_proto::record::{
+    agent_file, Body, DropReason, Encoder, Header, Stream, MAX_CHUNK, ROTATE_BYTES,
+};
 
 /// Why recording failed.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,9 @@ pub struct Settings {
     /// A file of this many bytes is made at start and deleted when the disk
     /// fills up, so results can still be recorded.
     pub reserve: Option<(PathBuf, u64)>,
+    /// A records file that reached this size is closed and the next one
+    /// started (when the storage can).
+    pub rotate: u64,
 }
 
 impl Default for Settings {
@@ -88,6 +93,7 @@ impl Default for Settings {
             sync_interval: Duration::from_millis(250),
             durable_timeout: Duration::from_secs(60),
             reserve: None,
+            rotate: ROTATE_BYTES,
         }
     }
 }
@@ -100,6 +106,73 @@ pub trait Storage: Send {
     fn sync(&mut self) -> std::io::Result<()>;
     /// Cuts the file back to `len` bytes (a failed append left part of a batch).
     fn cut(&mut self, len: u64) -> std::io::Result<()>;
+    /// Starts the next file with `header` (synced) and appends there from
+    /// now on; `Ok(false)` when this storage is one file only.
+    fn next_file(&mut self, _header: &[u8]) -> std::io::Result<bool> {
+        Ok(false)
+    }
+}
+
+/// The agent's records files in a folder: `agent-0000.ferryrec`, then
+/// `agent-0001.ferryrec`...
+pub struct Files {
+    dir: PathBuf,
+    index: u32,
+    file: File,
+}
+
+impl Files {
+    /// Creates the first file in `dir`.
+    ///
+    /// # Errors
+    /// When it cannot be created.
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        Ok(Files {
+            dir: dir.into(),
+            index: 0,
+            file: Self::open(&dir.join(agent_file(0)))?,
+        })
+    }
+
+    fn open(path: &Path) -> std::io::Result<File> {
+        OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)
+    }
+}
+
+impl Storage for Files {
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.file.append(buf)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync()
+    }
+    fn cut(&mut self, len: u64) -> std::io::Result<()> {
+        self.file.cut(len)
+    }
+    fn next_file(&mut self, header: &[u8]) -> std::io::Result<bool> {
+        let path = self.dir.join(agent_file(self.index + 1));
+        let started = Self::open(&path).and_then(|mut f| {
+            f.write_all(header)?;
+            f.sync_data()?;
+            Ok(f)
+        });
+        match started {
+            Ok(f) => {
+                self.file = f;
+                self.index += 1;
+                Ok(true)
+            }
+            Err(e) => {
+                // No room for a new file: the current one goes on.
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Storage for File {
@@ -212,7 +285,7 @@ impl Recorder {
 /// What the writer did, for the agent's last words on the console.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Bytes in the records file.
+    /// Bytes in the records files.
     pub file_bytes: u64,
     /// Output bytes recorded.
     pub output_kept: u64,
@@ -229,23 +302,17 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Creates the records file at `path` (its header from `header`) and
-    /// starts the writer thread.
+    /// Creates the agent's first records file in `dir` (its header from
+    /// `header`) and starts the writer thread.
     ///
     /// # Errors
     /// When the file cannot be created or its header written.
-    pub fn create(path: &Path, header: Header, settings: Settings) -> Result<Self, RecordError> {
-        let io = |source| RecordError::Io {
-            path: path.into(),
+    pub fn create(dir: &Path, header: Header, settings: Settings) -> Result<Self, RecordError> {
+        let files = Files::create(dir).map_err(|source| RecordError::Io {
+            path: dir.join(agent_file(0)),
             source,
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(path)
-            .map_err(io)?;
-        Self::start(Box::new(file), path, header, settings)
+        })?;
+        Self::start(Box::new(files), dir, header, settings)
     }
 
     /// Starts a writer on any storage (the tests' slow disk).
@@ -276,10 +343,11 @@ impl Writer {
             durable_timeout: settings.durable_timeout,
         };
         let state = State {
+            enc: Encoder::new(header.start_us),
+            header,
             storage,
             path: path.into(),
             len: head.len() as u64,
-            enc: Encoder::new(header.start_us),
             settings,
             pending: None,
             batch: Vec::new(),
@@ -353,6 +421,8 @@ struct Pending {
 }
 
 struct State {
+    /// What every file of this writer starts with (its time renewed).
+    header: Header,
     storage: Box<dyn Storage>,
     path: PathBuf,
     /// Length of the file up to its last whole frame.
@@ -459,7 +529,7 @@ impl State {
         if let Some((reserve, _)) = &self.settings.reserve {
             let _ = std::fs::remove_file(reserve);
         }
-        self.stats.file_bytes = self.len;
+        self.stats.file_bytes += self.len;
         self.stats.disk_full = self.disk_full;
         Ok(self.stats)
     }
@@ -598,6 +668,7 @@ impl State {
         match self.storage.append(&buf) {
             Ok(()) => {
                 self.committed(&items, buf.len());
+                self.maybe_rotate()?;
                 return Ok(());
             }
             Err(e) if !is_no_space(&e) => return Err(self.io(e)),
@@ -664,6 +735,31 @@ impl State {
                 Ok(())
             }
         }
+    }
+
+    /// Starts the next file once this one is big enough: everything so far
+    /// synced, the new file with its own header, numbering from 0 again.
+    fn maybe_rotate(&mut self) -> Result<(), RecordError> {
+        if self.settings.rotate == 0 || self.len < self.settings.rotate {
+            return Ok(());
+        }
+        self.sync()?;
+        self.stats.file_bytes += self.len;
+        let mut header = self.header.clone();
+        header.start_us = now_us();
+        let head = header.encode();
+        match self.storage.next_file(&head) {
+            Ok(true) => {
+                self.len = head.len() as u64;
+                self.enc = Encoder::new(header.start_us);
+            }
+            // One file only, or no room for another: this one goes on.
+            Ok(false) | Err(_) => {
+                self.stats.file_bytes -= self.len;
+                self.settings.rotate = 0;
+            }
+        }
+        Ok(())
     }
 
     fn committed(&mut self, items: &[(u64, Body)], bytes: usize) {
@@ -774,8 +870,8 @@ mod tests {
     #[test]
     fn output_is_coalesced_and_results_are_durable_in_order() {
         let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("r");
-        let w = Writer::create(&path, header(), Settings::default()).expect("writer");
+        let path = dir.path().join(agent_file(0));
+        let w = Writer::create(dir.path(), header(), Settings::default()).expect("writer");
         let rec = w.recorder();
         for _ in 0..1000 {
             rec.output("d", Stream::Stdout, b"x\n".to_vec())
@@ -802,7 +898,7 @@ mod tests {
     #[test]
     fn quotas_cut_output_exactly_and_say_how_much() {
         let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("r");
+        let path = dir.path().join(agent_file(0));
         let settings = Settings {
             quotas: Quotas {
                 definition: 1000,
@@ -810,7 +906,7 @@ mod tests {
             },
             ..Settings::default()
         };
-        let w = Writer::create(&path, header(), settings).expect("writer");
+        let w = Writer::create(dir.path(), header(), settings).expect("writer");
         let rec = w.recorder();
         let finished = |d: &str| Body::DefinitionFinished {
             definition: d.into(),
@@ -956,5 +1052,57 @@ mod tests {
             write_alone(&path, header(), &result("y")).is_err(),
             "never overwrites"
         );
+    }
+
+    #[test]
+    fn big_output_is_spread_over_files_that_each_read_alone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let settings = Settings {
+            rotate: 300_000,
+            ..Settings::default()
+        };
+        let w = Writer::create(dir.path(), header(), settings).expect("writer");
+        let rec = w.recorder();
+        for i in 0..40u8 {
+            rec.output("d", Stream::Stdout, vec![b'a' + i % 26; 50_000])
+                .expect("out");
+        }
+        rec.durable(result("end")).expect("result");
+        let stats = w.close().expect("close");
+        let mut records = Vec::new();
+        let mut i = 0;
+        while dir.path().join(agent_file(i)).exists() {
+            let (r, gaps) = read(&dir.path().join(agent_file(i)));
+            assert_eq!(gaps, 0);
+            records.extend(r);
+            i += 1;
+        }
+        // A file is closed after the batch that takes it past the size.
+        assert!(i >= 2, "{i} files for 2 MB in 300 kB files");
+        let expected: Vec<u8> = (0..40u8)
+            .flat_map(|i| vec![b'a' + i % 26; 50_000])
+            .collect();
+        assert!(output_of(&records) == expected);
+        assert!(matches!(
+            records.last().map(|r| &r.body),
+            Some(Body::Result { .. })
+        ));
+        let on_disk: u64 = (0..i)
+            .map(|n| {
+                std::fs::metadata(dir.path().join(agent_file(n)))
+                    .expect("meta")
+                    .len()
+            })
+            .sum();
+        assert_eq!(stats.file_bytes, on_disk);
+        for n in 0..i {
+            let len = std::fs::metadata(dir.path().join(agent_file(n)))
+                .expect("meta")
+                .len();
+            assert!(
+                len < 300_000 + (BATCH_BYTES + MAX_CHUNK) as u64 + 4096,
+                "file {n}: {len}"
+            );
+        }
     }
 }

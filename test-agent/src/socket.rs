@@ -112,8 +112,8 @@ mod tests {
     #[test]
     fn a_helper_record_is_on_disk_when_send_returns() {
         let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("r");
-        let w = Writer::create(&path, Header::default(), Settings::default()).expect("w");
+        let path = dir.path().join(ferry_proto::record::RECORDS_FILE);
+        let w = Writer::create(dir.path(), Header::default(), Settings::default()).expect("w");
         let name = format!("ferry-test-socket.{}", std::process::id());
         serve(&name, w.recorder()).expect("serve");
         let result = Body::Result {
