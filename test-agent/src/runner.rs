@@ -145,10 +145,14 @@ const READ_CHUNK: usize = 64 * 1024;
 const PIPE_QUEUE: usize = 4;
 /// Longest piece of a line mirrored as one console line.
 const MAX_LINE: usize = 64 * 1024;
-/// Console lines mirrored per [`MIRROR_WINDOW`]; the rest are counted as
-/// skipped without being copied (the console could not carry them anyway).
-const MIRROR_LINES: u32 = 200;
-/// See [`MIRROR_LINES`].
+/// Bytes of output mirrored per [`MIRROR_WINDOW`] (about what a 115200
+/// baud UART carries); the lines beyond are counted as skipped without
+/// being copied. A console is no faster in practice, and an emulated UART
+/// that is (QEMU's) costs the board CPU for every byte it carries.
+const MIRROR_BYTES: usize = 1536;
+/// Lines mirrored per [`MIRROR_WINDOW`], however short.
+const MIRROR_LINES: u32 = 100;
+/// See [`MIRROR_BYTES`].
 const MIRROR_WINDOW: Duration = Duration::from_millis(100);
 
 fn read_chunks(stream: Stream, mut pipe: impl Read, tx: SyncSender<(Stream, Vec<u8>)>) {
@@ -175,6 +179,7 @@ struct MirrorLines<'a> {
     partial: [Vec<u8>; 2],
     window: Instant,
     used: u32,
+    used_bytes: usize,
 }
 
 impl<'a> MirrorLines<'a> {
@@ -184,16 +189,24 @@ impl<'a> MirrorLines<'a> {
             partial: [Vec::new(), Vec::new()],
             window: Instant::now(),
             used: 0,
+            used_bytes: 0,
         }
+    }
+
+    /// Whether this window's budget is used up.
+    fn spent(&self) -> bool {
+        self.used >= MIRROR_LINES || self.used_bytes >= MIRROR_BYTES
     }
 
     fn emit(&mut self, line: &[u8]) {
         if self.window.elapsed() >= MIRROR_WINDOW {
             self.window = Instant::now();
             self.used = 0;
+            self.used_bytes = 0;
         }
-        if self.used < MIRROR_LINES {
+        if !self.spent() {
             self.used += 1;
+            self.used_bytes += line.len();
             let line = String::from_utf8_lossy(line);
             self.mirror.line(ferry_proto::console::mirror_output(
                 line.trim_end_matches(['\n', '\r']),
@@ -210,7 +223,7 @@ impl<'a> MirrorLines<'a> {
             let (line, tail) = rest.split_at(n + 1);
             rest = tail;
             if self.partial[i].is_empty() {
-                if self.used >= MIRROR_LINES && self.window.elapsed() < MIRROR_WINDOW {
+                if self.spent() && self.window.elapsed() < MIRROR_WINDOW {
                     // Over budget: count the remaining lines in one pass.
                     let lines = 1 + rest.iter().filter(|b| **b == b'\n').count() as u64;
                     self.mirror.skip(lines);
@@ -235,6 +248,7 @@ impl<'a> MirrorLines<'a> {
     fn finish(&mut self) {
         // The last unfinished lines are shown whatever the budget.
         self.used = 0;
+        self.used_bytes = 0;
         for i in 0..2 {
             let whole = std::mem::take(&mut self.partial[i]);
             if !whole.is_empty() {
