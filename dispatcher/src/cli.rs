@@ -24,6 +24,12 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+fn env_var(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a job. Exit codes: 0 complete, 1 internal error, 2 job error,
@@ -49,6 +55,38 @@ enum Cmd {
         shard_across: Vec<PathBuf>,
         /// The job file.
         job: PathBuf,
+    },
+    /// Run one command on a board's master image and exit with its status:
+    /// 124 timed out, 125 Ferry failed, 126 not runnable, 127 not found,
+    /// 128+N killed by signal N. The board is powered on if its master
+    /// agent is not announcing itself, and powered off afterwards unless
+    /// --keep-on.
+    Exec {
+        /// The device file.
+        #[arg(long)]
+        device: PathBuf,
+        /// The command's process group is killed after this long.
+        #[arg(long, default_value = "30s", value_parser = duration)]
+        timeout: Duration,
+        /// How long to listen for a master agent already announcing itself
+        /// before powering the board on.
+        #[arg(long, default_value = "5s", value_parser = duration)]
+        probe: Duration,
+        /// Leave the board powered on afterwards.
+        #[arg(long)]
+        keep_on: bool,
+        /// `NAME=VALUE` for the command's environment (repeatable).
+        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = env_var)]
+        env: Vec<(String, String)>,
+        /// Working folder on the board.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Write console.log and events.jsonl here.
+        #[arg(long)]
+        logs: Option<PathBuf>,
+        /// The command and its arguments (after `--`).
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
     },
     /// List the jobs running on this host (from the device locks).
     List {
@@ -162,6 +200,25 @@ pub fn main() -> ExitCode {
             });
             ExitCode::from(outcome.class.exit_code())
         }
+        Cmd::Exec {
+            device,
+            timeout,
+            probe,
+            keep_on,
+            env,
+            cwd,
+            logs,
+            command,
+        } => ExitCode::from(runtime.block_on(crate::exec::exec(crate::exec::Request {
+            device,
+            argv: command,
+            env,
+            cwd,
+            timeout,
+            probe,
+            keep_on,
+            logs,
+        }))),
         Cmd::List { json } => {
             let jobs = crate::lock::running();
             if json {

@@ -299,6 +299,69 @@ impl Session {
         r.map(|_| ()).map_err(|s| failure("Reboot", &s))
     }
 
+    /// Runs a command on the board: `start` first, then what arrives on
+    /// `stdin` (its end closes the command's stdin); every piece of output
+    /// goes to `output` as it comes. The call's deadline is the command's
+    /// timeout plus the `rpc` timeout, so the agent's own timeout (with its
+    /// message) comes first.
+    ///
+    /// # Errors
+    /// The call's status: `DEADLINE_EXCEEDED` when the command ran past its
+    /// timeout, `NOT_FOUND`/`PERMISSION_DENIED` when it could not start.
+    pub async fn exec(
+        &mut self,
+        start: pb::ExecStart,
+        mut stdin: mpsc::Receiver<Vec<u8>>,
+        mut output: impl FnMut(pb::exec_reply::Msg),
+    ) -> Result<pb::exec_exit::Status, Status> {
+        let deadline = Duration::from_millis(start.timeout_ms) + self.rpc;
+        let (tx, rx) = mpsc::channel(4);
+        let feed = tokio::spawn(async move {
+            let first = pb::ExecRequest {
+                msg: Some(pb::exec_request::Msg::Start(start)),
+            };
+            if tx.send(first).await.is_err() {
+                return;
+            }
+            while let Some(bytes) = stdin.recv().await {
+                let msg = pb::ExecRequest {
+                    msg: Some(pb::exec_request::Msg::Stdin(bytes)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let result = async {
+            let mut replies = self
+                .client
+                .exec(with_deadline(ReceiverStream::new(rx), deadline))
+                .await?
+                .into_inner();
+            loop {
+                match replies.message().await? {
+                    Some(pb::ExecReply {
+                        msg: Some(pb::exec_reply::Msg::Exit(exit)),
+                    }) => {
+                        return exit.status.ok_or_else(|| {
+                            Status::unknown("the agent sent an exit without a status")
+                        })
+                    }
+                    Some(pb::ExecReply { msg: Some(m) }) => output(m),
+                    Some(pb::ExecReply { msg: None }) => {}
+                    None => {
+                        return Err(Status::unknown(
+                            "the agent ended the stream without the command's exit status",
+                        ))
+                    }
+                }
+            }
+        }
+        .await;
+        feed.abort();
+        result
+    }
+
     /// Fetches the records on `partition` into `dir`: the files written, and
     /// a warning for each entry the agent refused or cut (a symlink, a FIFO,
     /// a file past its size limit...).

@@ -8,11 +8,13 @@
 //! output folder ([`output`] the files schedulers read); [`outcome`] is
 //! the exit-code contract.
 
+pub mod board;
 pub mod cli;
 pub mod client;
 pub mod console;
 pub mod device;
 pub mod events;
+pub mod exec;
 pub mod job;
 pub mod jobs;
 pub mod lab;

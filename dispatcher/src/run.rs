@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ferry_proto::console::{Announcement, Role, TokenLine};
+use ferry_proto::console::{Announcement, Role};
 use ferry_proto::record::{Body, Record};
 use serde_json::json;
 
@@ -104,18 +104,10 @@ impl Ctx {
     /// when nothing is pinned yet). Another address is never dialed: the
     /// line may come from anything that can write to the console.
     fn pins(&self, a: &Announcement) -> bool {
-        let Some(addr) = a.addr else { return false };
-        let pinned = self
-            .progress(|s| *s.pinned.get_or_insert(addr))
-            .unwrap_or(addr);
-        if pinned != addr {
-            self.events.event(
-                "dispatcher",
-                json!({ "kind": "ignored-announcement", "boot": a.boot, "addr": addr.to_string(),
-                    "message": format!("a master announcement names {addr}, but the board is pinned at {pinned}: ignored") }),
-            );
-        }
-        pinned == addr
+        let mut pinned = self.progress(|s| s.pinned).flatten();
+        let ok = crate::board::pins(&mut pinned, a, &self.events);
+        self.progress(|s| s.pinned = pinned);
+        ok
     }
     fn saw(&self, a: &Announcement) {
         let role = a.role.as_str();
@@ -133,15 +125,6 @@ impl Ctx {
             }
         });
     }
-}
-
-/// A fresh token for one boot: 244 random bits.
-fn new_token() -> String {
-    format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
 }
 
 /// Why waiting for the master agent stopped without it.
@@ -220,65 +203,13 @@ fn wait_failure(why: Interrupted, timeout: Duration) -> Failure {
     }
 }
 
-/// How often the token line is written again until the boot authenticates:
-/// a line garbled on the console is simply ignored by the agent.
-const TOKEN_REPEAT: Duration = Duration::from_secs(1);
-
 /// Hands the boot a fresh token and opens an authenticated session.
 async fn authenticate(
     ctx: &Ctx,
     console: &mut Console,
     a: &Announcement,
 ) -> Result<Session, Failure> {
-    let rpc = ctx.device.timeouts.rpc;
-    let addr = a
-        .addr
-        .ok_or_else(|| Failure::infra("master announcement without an address"))?;
-    let token = new_token();
-    let line = TokenLine {
-        boot: a.boot.clone(),
-        token: token.clone(),
-    };
-    console.send_token(&line, rpc).await?;
-    ctx.events.say(
-        "dispatcher",
-        format!("token sent to boot {}; connecting to {addr}", a.boot),
-    );
-    let mut session = Session::connect(
-        a,
-        ctx.device.network.namespace.clone(),
-        &token,
-        &ctx.device.timeouts,
-    )
-    .await?;
-    // The agent reads the token from its console concurrently: poll until it
-    // has, writing the line again now and then in case it was garbled.
-    let deadline = Instant::now() + rpc;
-    let mut repeat = Instant::now() + TOKEN_REPEAT;
-    loop {
-        match session.info().await {
-            Ok(info) => {
-                ctx.events.event("agent", json!({ "kind": "info", "version": info.version, "boot": info.boot_id,
-                    "platform": info.platform, "state": info.state, "test_agent_version": info.test_agent_version,
-                    "partitions": info.partitions.iter().map(|p| json!({"name": p.name, "size": p.size_bytes, "deployable": p.deployable})).collect::<Vec<_>>() }));
-                if info.boot_id != a.boot {
-                    return Err(Failure::infra(format!(
-                        "agent at {addr} is boot {}, not the announced {}",
-                        info.boot_id, a.boot
-                    )));
-                }
-                return Ok(session);
-            }
-            Err(s) if s.code() == tonic::Code::Unauthenticated && Instant::now() < deadline => {
-                if Instant::now() >= repeat {
-                    console.send_token(&line, rpc).await?;
-                    repeat = Instant::now() + TOKEN_REPEAT;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(s) => return Err(crate::client::failure("GetInfo", &s)),
-        }
-    }
+    crate::board::authenticate(&ctx.device, &ctx.events, console, a).await
 }
 
 async fn steps(ctx: &Ctx) -> Result<(), Failure> {
@@ -576,7 +507,7 @@ fn injected_panic(phase: Phase) {
 }
 
 /// Waits for SIGTERM or SIGINT.
-async fn cancelled() -> &'static str {
+pub(crate) async fn cancelled() -> &'static str {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(_) => return std::future::pending().await,

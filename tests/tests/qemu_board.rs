@@ -268,3 +268,35 @@ test:
     );
     assert!(!board.qemu_running(), "QEMU must be gone after the job");
 }
+
+#[test]
+fn exec_uname_on_the_virtual_board() {
+    let Some(_turn) = board_turn() else { return };
+    let board = QemuBoard::new("exec");
+    let started = std::time::Instant::now();
+    let out = Command::new(ferry_tests::bin("dispatcher"))
+        .arg("exec")
+        .arg("--device")
+        .arg(&board.device)
+        .args(["--timeout", "60s", "--", "uname", "-a"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("dispatcher exec runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dump = format!(
+        "exit {:?}\n--- stdout:\n{stdout}\n--- stderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{dump}");
+    // The board's own kernel: Debian's cloud kernel on x86_64.
+    assert!(
+        stdout.starts_with("Linux ") && stdout.contains("x86_64") && stdout.contains("cloud"),
+        "{dump}"
+    );
+    assert!(!board.qemu_running(), "powered off afterwards");
+    eprintln!(
+        "exec uname -a on the virtual board: {:?}",
+        started.elapsed()
+    );
+}
