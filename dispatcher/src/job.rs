@@ -182,7 +182,46 @@ pub struct LavaDefinition {
     install: Option<Install>,
     run: Run,
     #[serde(default)]
-    parse: Option<Value>,
+    parse: Option<Parse>,
+}
+
+/// LAVA's `parse` block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Parse {
+    pattern: String,
+    #[serde(default)]
+    fixupdict: Mapping,
+}
+
+impl Parse {
+    /// Checks the pattern as the board will compile it, so a pattern it
+    /// cannot use is a job error before the board is touched.
+    fn check(&self, origin: &str) -> Result<Vec<(String, String)>, Failure> {
+        let regex = regex::Regex::new(&self.pattern).map_err(|e| {
+            Failure::job(format!(
+                "{origin}: parse.pattern {:?} is not a regular expression Ferry reads (Python lookaround and backreferences are not supported): {e}",
+                self.pattern
+            ))
+        })?;
+        for group in ["test_case_id", "result"] {
+            if !regex.capture_names().flatten().any(|n| n == group) {
+                return Err(Failure::job(format!(
+                    "{origin}: parse.pattern {:?} has no named group (?P<{group}>...)",
+                    self.pattern
+                )));
+            }
+        }
+        self.fixupdict
+            .iter()
+            .map(|(k, v)| match (scalar(k), scalar(v)) {
+                (Some(k), Some(v)) => Ok((k, v)),
+                _ => Err(Failure::job(format!(
+                    "{origin}: parse.fixupdict entries must map a word to a word"
+                ))),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -385,11 +424,26 @@ impl Job {
             }
             merge_params(&mut params, &r.parameters, &at(format!("{key}.parameters")))?;
             let mut lines = Vec::new();
+            let mut install_deps = Vec::new();
             if let Some(install) = &def.install {
                 if !r.skip_install {
                     lines.extend(steps(&install.steps, &origin, "install.steps")?);
+                    if let Some(deps) = install.other.get("deps") {
+                        let list = deps.as_sequence().map(Vec::as_slice).unwrap_or_default();
+                        install_deps = steps(list, &origin, "install.deps")?;
+                        if deps.as_sequence().is_none() && !deps.is_null() {
+                            return Err(Failure::job(format!(
+                                "{origin}: install.deps must be a list of package names"
+                            )));
+                        }
+                    }
                 }
-                let ignored: Vec<_> = install.other.keys().cloned().collect();
+                let ignored: Vec<_> = install
+                    .other
+                    .keys()
+                    .filter(|k| *k != "deps")
+                    .cloned()
+                    .collect();
                 if !ignored.is_empty() {
                     warnings.push(format!(
                         "{name}: install keys {ignored:?} are deprecated in LAVA and not acted on"
@@ -397,17 +451,19 @@ impl Job {
                 }
             }
             lines.extend(steps(&def.run.steps, &origin, "run.steps")?);
-            if def.parse.is_some() {
-                warnings.push(format!(
-                    "{name}: `parse` patterns are not applied yet; use lava-test-case"
-                ));
-            }
+            let (parse_pattern, fixupdict) = match &def.parse {
+                Some(p) => (p.pattern.clone(), p.check(&origin)?.into_iter().collect()),
+                None => (String::new(), Default::default()),
+            };
             definitions.push(Definition {
                 name,
                 steps: lines,
                 params,
                 timeout_seconds: r.timeout.map_or(0, |t| t.as_secs().max(1)),
                 origin,
+                parse_pattern,
+                fixupdict,
+                install_deps,
             });
         }
         Ok(Job {
@@ -511,6 +567,8 @@ mod tests {
             ("job: j\ndeploy:\n  - {image: img, to: fw, sha256: abc}\n", "deploy[0].sha256"),
             ("job: j\ndeploy:\n  - {image: missing, to: fw, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}\n", "deploy[0].image"),
             ("job: j\ntimeouts: {test: forever}\n", "job.yaml:2:"),
+            ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test Test Definition 1.0, name: y}\n        run: {steps: []}\n        parse: {pattern: '(?P<test_case_id>\\w+)(?=:)(?P<result>\\w+)'}\n", "Python lookaround and backreferences are not supported"),
+            ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test Test Definition 1.0, name: y}\n        run: {steps: []}\n        parse: {pattern: '(?P<test_case_id>\\w+) (?P<res>\\w+)'}\n", "has no named group (?P<result>...)"),
             ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test-Shell Test Definition 1.0, name: y}\n        run: {steps: []}\n", "expected \"Lava-Test Test Definition 1.0\""),
         ];
         for (job, expected) in cases {

@@ -275,6 +275,7 @@ mod tests {
             measurement: None,
             units: None,
             set: None,
+            reference: None,
         };
         let starts = write_file(
             &board.join(ferry_proto::record::RECORDS_FILE),

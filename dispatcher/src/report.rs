@@ -28,6 +28,9 @@ pub struct TestResult {
     /// The test set, when inside one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub set: Option<String>,
+    /// A URL, from `lava-test-reference`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 /// The results of a run: every `lava-test-case`, then one `lava` result per
@@ -44,9 +47,11 @@ pub fn results(plan: &TestPlan, records: &[Record], plan_ran: bool) -> Vec<TestR
                 measurement,
                 units,
                 set,
+                reference,
             } => Some(TestResult {
                 suite: definition.clone(),
                 name: case.clone(),
+                reference: reference.clone(),
                 result: *result,
                 measurement: *measurement,
                 units: units.clone(),
@@ -80,9 +85,35 @@ pub fn results(plan: &TestPlan, records: &[Record], plan_ran: bool) -> Vec<TestR
             measurement: None,
             units: None,
             set: None,
+            reference: None,
         });
     }
     out
+}
+
+/// The outcome of a run the board aborted (`lava-test-raise` is a test
+/// error, deps the image cannot install a job error), from its first
+/// `aborted` record; the results before it are kept.
+pub fn aborted(records: &[Record]) -> Option<crate::outcome::Outcome> {
+    records.iter().find_map(|r| match &r.body {
+        Body::Aborted {
+            definition,
+            class,
+            message,
+        } => Some(crate::outcome::Outcome {
+            class: if class == "job-error" {
+                crate::outcome::Class::JobError
+            } else {
+                crate::outcome::Class::TestError
+            },
+            message: if class == "job-error" {
+                message.clone()
+            } else {
+                format!("lava-test-raise in definition {definition}: {message}")
+            },
+        }),
+        _ => None,
+    })
 }
 
 /// Counts by result.
@@ -224,6 +255,7 @@ mod tests {
                 measurement: Some(2.0),
                 units: Some("s".into()),
                 set: None,
+                reference: None,
             }),
             rec(Body::Result {
                 definition: "a".into(),
@@ -232,6 +264,7 @@ mod tests {
                 measurement: None,
                 units: None,
                 set: Some("s1".into()),
+                reference: None,
             }),
             rec(Body::DefinitionFinished {
                 definition: "a".into(),

@@ -697,6 +697,11 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
         })
         .unwrap_or_default();
     let warnings: Vec<String> = ctx.job.warnings.iter().cloned().chain(learned).collect();
+    if outcome.class == Class::Complete {
+        if let Some(aborted) = report::aborted(&records) {
+            outcome = aborted;
+        }
+    }
     let results = report::results(&ctx.job.plan, &records, tested);
     events.event(
         "dispatcher",

@@ -147,6 +147,9 @@ pub enum Body {
         /// The test set the case belongs to, when inside one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         set: Option<String>,
+        /// A URL, from `lava-test-reference`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
     },
     /// `lava-test-set start NAME`.
     SetStarted {
@@ -206,6 +209,17 @@ pub enum Body {
     },
     /// The test agent finished the plan and is about to reboot.
     AgentFinished {},
+    /// The run was aborted in `definition`: it stopped there and no later
+    /// definition ran (`lava-test-raise`, or an `install.deps` the image
+    /// cannot install). `class` is the job's outcome class.
+    Aborted {
+        /// The definition (suite) name.
+        definition: String,
+        /// `test-error` or `job-error`.
+        class: String,
+        /// Why.
+        message: String,
+    },
 }
 
 /// Output stream of a step.
@@ -266,7 +280,7 @@ impl Outcome {
 }
 
 /// Kind bytes of the frames, and the JSON tag of each (see RECORDS.md).
-const KINDS: [(u8, &str); 12] = [
+const KINDS: [(u8, &str); 13] = [
     (1, "agent-started"),
     (2, "definition-started"),
     (3, "output"),
@@ -279,6 +293,7 @@ const KINDS: [(u8, &str); 12] = [
     (10, "kernel-lost"),
     (11, "output-dropped"),
     (12, "agent-finished"),
+    (13, "aborted"),
 ];
 const KIND_OUTPUT: u8 = 3;
 const KIND_KERNEL: u8 = 9;
@@ -299,6 +314,7 @@ impl Body {
             Body::KernelLost { .. } => 10,
             Body::OutputDropped { .. } => 11,
             Body::AgentFinished {} => 12,
+            Body::Aborted { .. } => 13,
         }
     }
 
@@ -827,6 +843,12 @@ mod tests {
                 measurement: Some(1.5),
                 units: Some("s".into()),
                 set: None,
+                reference: Some("https://example.org/log".into()),
+            },
+            Body::Aborted {
+                definition: "d".into(),
+                class: "test-error".into(),
+                message: "no network".into(),
             },
             Body::Kernel {
                 level: 3,
@@ -901,6 +923,7 @@ mod tests {
                 measurement: None,
                 units: None,
                 set: None,
+                reference: None,
             },
             &mut out,
         );

@@ -1,7 +1,11 @@
-//! The LAVA result helpers test writers already call: `lava-test-case` and
-//! `lava-test-set`. They hand their records to the agent (on disk before
-//! they return; when the agent cannot be reached, written to a records file
-//! of their own) and print LAVA's signal line for live viewers.
+//! The LAVA helpers test writers already call: `lava-test-case`,
+//! `lava-test-set`, `lava-test-reference`, `lava-test-raise` and
+//! `lava-background-process-start`/`-stop`. They hand their records to the
+//! agent (on disk before they return; when the agent cannot be reached,
+//! written to a records file of their own), print LAVA's signal line for
+//! live viewers, and leave the files LAVA's shell helpers leave under
+//! `$LAVA_RESULT_DIR` (`results/<case>/result`, `measurement`, `units`;
+//! `results/<name>/bg_run.sh` and `pid`).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -43,6 +47,11 @@ pub enum HelperError {
 
 const CASE_USAGE: &str = "lava-test-case NAME --result pass|fail|skip|unknown [--measurement N --units U] | lava-test-case NAME --shell CMD...";
 const SET_USAGE: &str = "lava-test-set start NAME | lava-test-set stop";
+const REFERENCE_USAGE: &str =
+    "lava-test-reference NAME --result pass|fail|skip|unknown --reference URL";
+const RAISE_USAGE: &str = "lava-test-raise MESSAGE";
+const BG_START_USAGE: &str = "lava-background-process-start NAME --cmd PROCESS";
+const BG_STOP_USAGE: &str = "lava-background-process-stop NAME";
 
 /// What the test agent told the helper through the environment.
 struct Context {
@@ -66,6 +75,19 @@ impl Context {
             boot: var("FERRY_BOOT_ID")?,
             run_dir: var("FERRY_RUN_DIR")?.into(),
         })
+    }
+
+    /// `$LAVA_RESULT_DIR/results/<name>`, as LAVA's helpers make it.
+    fn result_dir(&self, name: &str) -> Result<PathBuf, HelperError> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(HelperError::Invalid(format!("bad name {name:?}")));
+        }
+        let dir = self.run_dir.join("results").join(name);
+        std::fs::create_dir_all(&dir).map_err(|source| HelperError::SetState {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(dir)
     }
 
     fn set_file(&self) -> PathBuf {
@@ -182,6 +204,16 @@ fn record_case(
     if let Some(u) = &units {
         signal.push_str(&format!(" UNITS={u}"));
     }
+    // The files LAVA's lava-test-case leaves (best effort: the record is what counts).
+    if let Ok(dir) = ctx.result_dir(&case) {
+        let _ = std::fs::write(dir.join("result"), format!("{}\n", result.as_str()));
+        if let Some(u) = &units {
+            let _ = std::fs::write(dir.join("units"), format!("{u}\n"));
+        }
+        if let Some(m) = measurement {
+            let _ = std::fs::write(dir.join("measurement"), format!("{m}\n"));
+        }
+    }
     ctx.record(Body::Result {
         definition: ctx.definition.clone(),
         case,
@@ -189,6 +221,7 @@ fn record_case(
         measurement,
         units,
         set: ctx.current_set(),
+        reference: None,
     })?;
     println!("{signal}>");
     Ok(())
@@ -254,6 +287,132 @@ fn test_set(args: &[String]) -> Result<(), HelperError> {
     Ok(())
 }
 
+/// `lava-test-reference NAME --result R --reference URL`: a result with a link.
+fn test_reference(args: &[String]) -> Result<(), HelperError> {
+    let ctx = Context::from_env()?;
+    let (case, rest) = args
+        .split_first()
+        .ok_or(HelperError::Usage(REFERENCE_USAGE))?;
+    if case.is_empty() || case.starts_with("--") || case.chars().any(char::is_whitespace) {
+        return Err(HelperError::Invalid(format!("bad test case id {case:?}")));
+    }
+    let (mut result, mut reference) = (None, None);
+    let mut it = rest.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .cloned()
+            .ok_or(HelperError::Usage(REFERENCE_USAGE))?;
+        match flag.as_str() {
+            "--result" => {
+                result = Some(Outcome::parse(&value).ok_or_else(|| {
+                    HelperError::Invalid(format!(
+                        "bad result {value:?}: use pass, fail, skip or unknown"
+                    ))
+                })?)
+            }
+            "--reference" => reference = Some(value),
+            _ => return Err(HelperError::Usage(REFERENCE_USAGE)),
+        }
+    }
+    let (Some(result), Some(reference)) = (result, reference) else {
+        return Err(HelperError::Usage(REFERENCE_USAGE));
+    };
+    ctx.record(Body::Result {
+        definition: ctx.definition.clone(),
+        case: case.clone(),
+        result,
+        measurement: None,
+        units: None,
+        set: ctx.current_set(),
+        reference: Some(reference.clone()),
+    })?;
+    println!(
+        "<LAVA_SIGNAL_TESTREFERENCE {case} {} {reference}>",
+        result.as_str()
+    );
+    Ok(())
+}
+
+/// `lava-test-raise MESSAGE`: records the abort (a test error for the job),
+/// then ends the definition: LAVA stops the test action at this signal, so
+/// nothing after it in the definition, or in later definitions, runs.
+fn test_raise(args: &[String]) -> Result<(), HelperError> {
+    let ctx = Context::from_env()?;
+    let message = args.join(" ");
+    if message.trim().is_empty() {
+        return Err(HelperError::Usage(RAISE_USAGE));
+    }
+    let _ = std::fs::write(ctx.run_dir.join(crate::runner::ABORTED_FILE), &message);
+    ctx.record(Body::Aborted {
+        definition: ctx.definition.clone(),
+        class: "test-error".into(),
+        message: message.clone(),
+    })?;
+    println!("<LAVA_SIGNAL_TESTRAISE {message}>");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    // The definition's shell and everything it started share this process
+    // group (the runner made it); ending it ends the definition.
+    let _ = nix::sys::signal::killpg(nix::unistd::getpgrp(), nix::sys::signal::Signal::SIGTERM);
+    Err(HelperError::Invalid(format!("raised: {message}")))
+}
+
+/// `lava-background-process-start NAME --cmd PROCESS`: LAVA's `bg_run.sh`
+/// (PROCESS started again every second until stopped), its pid in
+/// `results/NAME/pid`.
+fn background_start(args: &[String]) -> Result<(), HelperError> {
+    let ctx = Context::from_env()?;
+    let (name, rest) = args
+        .split_first()
+        .ok_or(HelperError::Usage(BG_START_USAGE))?;
+    let process = match rest.split_first() {
+        Some((flag, cmd)) if flag == "--cmd" && !cmd.is_empty() => cmd.join(" "),
+        _ => return Err(HelperError::Usage(BG_START_USAGE)),
+    };
+    let dir = ctx.result_dir(name)?;
+    let script = dir.join("bg_run.sh");
+    let io = |path: &PathBuf| {
+        let path = path.clone();
+        move |source| HelperError::SetState { path, source }
+    };
+    std::fs::write(
+        &script,
+        format!("set -e\ntrap \"exit\" HUP INT TERM\nwhile true; do\n    {process} &\n    sleep 1\ndone\n"),
+    )
+    .map_err(io(&script))?;
+    let child = Command::new("/bin/sh")
+        .arg(&script)
+        .spawn()
+        .map_err(io(&script))?;
+    let pid = dir.join("pid");
+    std::fs::write(&pid, format!("{}\n", child.id())).map_err(io(&pid))?;
+    Ok(())
+}
+
+/// `lava-background-process-stop NAME`: stops what `-start` started.
+fn background_stop(args: &[String]) -> Result<(), HelperError> {
+    let ctx = Context::from_env()?;
+    let [name] = args else {
+        return Err(HelperError::Usage(BG_STOP_USAGE));
+    };
+    let path = ctx.run_dir.join("results").join(name).join("pid");
+    let text = std::fs::read_to_string(&path).map_err(|source| HelperError::SetState {
+        path: path.clone(),
+        source,
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .map_err(|_| HelperError::Invalid(format!("{}: not a pid", path.display())))?;
+    // As LAVA: a process already gone is not an error.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    Ok(())
+}
+
 fn exit(name: &str, r: Result<(), HelperError>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -269,12 +428,23 @@ pub fn dispatch(name: &str, args: &[String]) -> Option<ExitCode> {
     match name {
         "lava-test-case" => Some(exit(name, test_case(args))),
         "lava-test-set" => Some(exit(name, test_set(args))),
+        "lava-test-reference" => Some(exit(name, test_reference(args))),
+        "lava-test-raise" => Some(exit(name, test_raise(args))),
+        "lava-background-process-start" => Some(exit(name, background_start(args))),
+        "lava-background-process-stop" => Some(exit(name, background_stop(args))),
         _ => None,
     }
 }
 
 /// Names the helpers answer to, for the bundle's symlinks.
-pub const HELPERS: [&str; 2] = ["lava-test-case", "lava-test-set"];
+pub const HELPERS: [&str; 6] = [
+    "lava-test-case",
+    "lava-test-set",
+    "lava-test-reference",
+    "lava-test-raise",
+    "lava-background-process-start",
+    "lava-background-process-stop",
+];
 
 #[cfg(test)]
 mod tests {

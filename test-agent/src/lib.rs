@@ -12,6 +12,7 @@ pub mod cli;
 pub mod helpers;
 pub mod kernel;
 pub mod mirror;
+pub mod parse;
 pub mod records;
 pub mod runner;
 pub mod socket;

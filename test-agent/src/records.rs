@@ -838,6 +838,7 @@ mod tests {
             measurement: None,
             units: None,
             set: None,
+            reference: None,
         }
     }
 

@@ -15,6 +15,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::mirror::Mirror;
+use crate::parse::{LineParser, Pattern};
 use crate::records::{RecordError, Recorder};
 
 /// How long to keep reading output after a definition's shell has exited
@@ -93,16 +94,29 @@ fn run_all(
     groups: &mut Vec<Pid>,
 ) -> Result<(), RunError> {
     for (index, def) in plan.definitions.iter().enumerate() {
-        if let Err(e) = run_definition(ctx, index, def, rec, mirror, groups) {
-            if let RunError::Records(_) = e {
-                return Err(e);
+        match run_definition(ctx, index, def, rec, mirror, groups) {
+            Ok(Ran::Finished) => {}
+            Ok(Ran::Aborted) => {
+                // As in LAVA, an aborted run ends the test action: later
+                // definitions do not run; earlier results stay.
+                let left = plan.definitions.len() - index - 1;
+                if left > 0 {
+                    mirror.line(format!(
+                        "[ferry] run aborted in {}: {left} later definition(s) not run",
+                        def.name
+                    ));
+                }
+                return Ok(());
             }
-            // Could not even start: say so and go on with the next one.
-            mirror.line(format!("[ferry] {e}"));
-            rec.durable(Body::AgentMessage {
-                level: "error".into(),
-                message: e.to_string(),
-            })?;
+            Err(RunError::Records(e)) => return Err(RunError::Records(e)),
+            Err(e) => {
+                // Could not even start: say so and go on with the next one.
+                mirror.line(format!("[ferry] {e}"));
+                rec.durable(Body::AgentMessage {
+                    level: "error".into(),
+                    message: e.to_string(),
+                })?;
+            }
         }
     }
     Ok(())
@@ -113,8 +127,60 @@ fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
 }
 
-/// The script LAVA would generate: `set -e`, the parameters, then the steps.
-fn script(def: &Definition) -> String {
+/// How a definition ended, for the plan.
+#[derive(Debug, PartialEq, Eq)]
+enum Ran {
+    /// It ran (whatever its exit status): go on with the next.
+    Finished,
+    /// It aborted the run (`lava-test-raise`, or deps it cannot install).
+    Aborted,
+}
+
+/// Name of the file `lava-test-raise` leaves in the run folder.
+pub const ABORTED_FILE: &str = "aborted";
+
+/// Package managers LAVA's `lava-install-packages` knows, as found in the
+/// image, and the shell lines that install `deps` with each.
+const PACKAGE_MANAGERS: [&str; 3] = ["apt-get", "apk", "opkg"];
+const IMAGE_BIN_DIRS: [&str; 6] = [
+    "usr/local/sbin",
+    "usr/local/bin",
+    "usr/sbin",
+    "usr/bin",
+    "sbin",
+    "bin",
+];
+
+/// The image's package manager: the first of [`PACKAGE_MANAGERS`] in the
+/// image's own bin folders (under `root`, not the agent's PATH, so a
+/// simulated board's host tools do not count).
+fn package_manager(root: &Path) -> Option<(&'static str, PathBuf)> {
+    PACKAGE_MANAGERS.iter().find_map(|pm| {
+        IMAGE_BIN_DIRS
+            .iter()
+            .map(|d| root.join(d).join(pm))
+            .find(|p| p.is_file())
+            .map(|p| (*pm, p))
+    })
+}
+
+/// The lines that install `deps` with `pm` (as LAVA's distro scripts do).
+fn install_lines(pm: &str, path: &Path, deps: &[String]) -> String {
+    let bin = shell_quote(&path.display().to_string());
+    let deps: Vec<String> = deps.iter().map(|d| shell_quote(d)).collect();
+    let deps = deps.join(" ");
+    match pm {
+        "apt-get" => format!(
+            "DEBIAN_FRONTEND=noninteractive {bin} update -q\nDEBIAN_FRONTEND=noninteractive {bin} install -y -q {deps}\n"
+        ),
+        "apk" => format!("{bin} add {deps}\n"),
+        _ => format!("{bin} update\n{bin} install {deps}\n"),
+    }
+}
+
+/// The script LAVA would generate: `set -e`, the parameters, the package
+/// installation, then the steps.
+fn script(def: &Definition, install: &str) -> String {
     let mut s = String::from("#!/bin/sh\n# Written by ferry test-agent.\nset -e\n");
     for p in &def.params {
         s.push_str(&format!(
@@ -124,6 +190,7 @@ fn script(def: &Definition) -> String {
             p.name
         ));
     }
+    s.push_str(install);
     for step in &def.steps {
         s.push_str(step);
         s.push('\n');
@@ -265,15 +332,54 @@ fn run_definition(
     rec: &Recorder,
     mirror: &Mirror,
     groups: &mut Vec<Pid>,
-) -> Result<(), RunError> {
+) -> Result<Ran, RunError> {
     let run_dir = ctx
         .root
         .join(FERRY_DIR)
         .join("run")
         .join(format!("{index}_{}", def.name));
     prepare(&run_dir, std::fs::create_dir_all(&run_dir))?;
+    // A folder left by an earlier run of the same image must not abort this one.
+    let _ = std::fs::remove_file(run_dir.join(ABORTED_FILE));
+    let install = if def.install_deps.is_empty() {
+        String::new()
+    } else if let Some((pm, path)) = package_manager(&ctx.root) {
+        install_lines(pm, &path, &def.install_deps)
+    } else {
+        let message = format!(
+            "definition {}: install.deps {:?} cannot be installed: the image has none of the package managers {PACKAGE_MANAGERS:?}; install them in the image, or drop install.deps",
+            def.name, def.install_deps
+        );
+        mirror.line(format!("[ferry] {message}"));
+        rec.durable(Body::Aborted {
+            definition: def.name.clone(),
+            class: "job-error".into(),
+            message,
+        })?;
+        return Ok(Ran::Aborted);
+    };
+    let pattern = if def.parse_pattern.is_empty() {
+        None
+    } else {
+        let fixup = def.fixupdict.clone().into_iter().collect();
+        match Pattern::new(&def.parse_pattern, fixup) {
+            Ok(p) => Some(LineParser::new(p, &def.name)),
+            Err(e) => {
+                let message = format!("definition {}: {e}", def.name);
+                rec.durable(Body::Aborted {
+                    definition: def.name.clone(),
+                    class: "job-error".into(),
+                    message,
+                })?;
+                return Ok(Ran::Aborted);
+            }
+        }
+    };
     let script_path = run_dir.join("run.sh");
-    prepare(&script_path, std::fs::write(&script_path, script(def)))?;
+    prepare(
+        &script_path,
+        std::fs::write(&script_path, script(def, &install)),
+    )?;
 
     let bin = ctx.root.join(FERRY_DIR).join("bin");
     let path = format!(
@@ -300,6 +406,8 @@ fn run_definition(
         .env("FERRY_DEFINITION", &def.name)
         .env("FERRY_BOOT_ID", &ctx.boot_id)
         .env("FERRY_RUN_DIR", &run_dir)
+        // Where LAVA's helpers leave their files (results/<case>/result...).
+        .env("LAVA_RESULT_DIR", &run_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -329,6 +437,19 @@ fn run_definition(
     let mut timed_out = false;
     let mut status = None;
     let mut lines = MirrorLines::new(mirror);
+    let mut pattern = pattern;
+    let parsed = |found: Vec<Result<Body, String>>| -> Result<(), RunError> {
+        for r in found {
+            match r {
+                Ok(body) => rec.durable(body)?,
+                Err(message) => rec.durable(Body::AgentMessage {
+                    level: "warn".into(),
+                    message: format!("definition {}: {message}", def.name),
+                })?,
+            }
+        }
+        Ok(())
+    };
     loop {
         // The deadline is checked on every turn, so a flood of output
         // cannot keep a definition past its timeout.
@@ -351,6 +472,9 @@ fn run_definition(
         match rx.recv_timeout(wait) {
             Ok((stream, data)) => {
                 lines.chunk(stream, &data);
+                if let Some(p) = pattern.as_mut() {
+                    parsed(p.chunk(stream, &data))?;
+                }
                 // Blocks while the records queue is full: backpressure.
                 rec.output(&def.name, stream, data)?;
             }
@@ -365,12 +489,19 @@ fn run_definition(
         }
     }
     lines.finish();
+    if let Some(p) = pattern.as_mut() {
+        parsed(p.finish())?;
+    }
 
     let exit_code = if timed_out {
         None
     } else {
         status.and_then(|s| s.code())
     };
+    // LAVA's lava-test-shell leaves the shell's status there; best effort.
+    if let Some(c) = exit_code {
+        let _ = std::fs::write(run_dir.join("return_code"), format!("{c}\n"));
+    }
     rec.durable(Body::DefinitionFinished {
         definition: def.name.clone(),
         exit_code,
@@ -386,7 +517,11 @@ fn run_definition(
         "<LAVA_SIGNAL_ENDRUN {index}_{} {}> ({how})",
         def.name, ctx.boot_id
     ));
-    Ok(())
+    Ok(if run_dir.join(ABORTED_FILE).exists() {
+        Ran::Aborted
+    } else {
+        Ran::Finished
+    })
 }
 
 #[cfg(test)]
@@ -466,8 +601,9 @@ mod tests {
             }],
             timeout_seconds: 0,
             origin: "inline".into(),
+            ..Default::default()
         };
-        let s = script(&def);
+        let s = script(&def, "");
         assert!(s.contains("set -e\n"));
         assert!(s.contains("A='it'\\''s $HOME'\nexport A\n"));
         assert!(s.find("echo $A").expect("step") < s.find("false").expect("step"));

@@ -68,7 +68,8 @@ fn answer(conn: UnixStream, rec: &Recorder) -> std::io::Result<()> {
             body @ (Body::Result { .. }
             | Body::SetStarted { .. }
             | Body::SetStopped { .. }
-            | Body::AgentMessage { .. }),
+            | Body::AgentMessage { .. }
+            | Body::Aborted { .. }),
         ) => match rec.durable(body) {
             Ok(()) => "ok".to_string(),
             Err(e) => format!("error: {e}"),
@@ -123,6 +124,7 @@ mod tests {
             measurement: Some(2.5),
             units: Some("ms".into()),
             set: Some("s".into()),
+            reference: None,
         };
         send(&name, &result).expect("send");
         let (reader, _) = Reader::new(std::fs::File::open(&path).expect("open")).expect("hdr");

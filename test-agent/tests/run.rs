@@ -34,6 +34,7 @@ fn def(name: &str, steps: &[&str], timeout: u64) -> Definition {
         }],
         timeout_seconds: timeout,
         origin: "inline".into(),
+        ..Default::default()
     }
 }
 
