@@ -5,7 +5,8 @@
 //! [`device`] read the user's files; [`power`], [`console`] and [`client`]
 //! (with [`netns`] and [`tls`]) talk to the board; [`records`] streams the
 //! board's records back; [`events`] and [`report`] write the
-//! output folder ([`output`] the files schedulers read); [`outcome`] is
+//! output folder ([`output`] the files schedulers read, [`timings`] the boot
+//! phases); [`outcome`] is
 //! the exit-code contract.
 
 pub mod board;
@@ -27,5 +28,6 @@ pub mod records;
 pub mod report;
 pub mod run;
 pub mod runs;
+pub mod timings;
 pub mod tls;
 pub mod yaml;

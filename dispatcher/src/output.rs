@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::outcome::{Class, Outcome};
 use crate::report::{self, Counts, TestResult, LAVA_SUITE};
+use crate::timings::Phases;
 
 /// A boot the dispatcher saw announced.
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +41,8 @@ pub struct Report<'a> {
     pub boots: &'a [Boot],
     /// Results, in LAVA's shape.
     pub results: &'a [TestResult],
+    /// Where the time went, once the job ran.
+    pub phases: Option<&'a Phases>,
     /// When the run started.
     pub started: SystemTime,
 }
@@ -101,6 +104,7 @@ pub fn write(r: &Report) {
         "duration_seconds": seconds(r.started),
         "dispatcher_peak_rss_kib": peak_rss_kib(),
         "boots": r.boots,
+        "phases": r.phases,
         "results": { "pass": counts.pass, "fail": counts.fail, "skip": counts.skip, "unknown": counts.unknown },
         "warnings": r.warnings,
     });
@@ -160,6 +164,9 @@ fn summary(r: &Report) -> String {
     if !r.boots.is_empty() {
         let path: Vec<_> = r.boots.iter().map(|b| b.role).collect();
         let _ = writeln!(s, "  boots: {}", path.join(" -> "));
+    }
+    if let Some(line) = r.phases.and_then(Phases::line) {
+        let _ = writeln!(s, "  phases: {line}");
     }
     for w in r.warnings {
         let _ = writeln!(s, "  warning: {w}");

@@ -1,7 +1,7 @@
 //! Power control: the device file's shell commands, each with a timeout.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use tokio::process::Command;
@@ -89,12 +89,14 @@ pub async fn off(device: &Device, events: &EventLog) -> Result<(), Failure> {
 }
 
 /// Brings the board up from a known state: off, then `on` (or `reset`).
+/// Returns when the `on` (or `reset`) command started: the power-on.
 ///
 /// # Errors
 /// An infrastructure error from the commands.
-pub async fn start(device: &Device, events: &EventLog) -> Result<(), Failure> {
+pub async fn start(device: &Device, events: &EventLog) -> Result<SystemTime, Failure> {
     off(device, events).await?;
     let t = device.timeouts.power;
+    let at = SystemTime::now();
     match (&device.power.on, &device.power.reset) {
         (Some(on), _) => command("on", on, &device.dir, t, events).await,
         (None, Some(reset)) => command("reset", reset, &device.dir, t, events).await,
@@ -102,4 +104,5 @@ pub async fn start(device: &Device, events: &EventLog) -> Result<(), Failure> {
             "device file has neither power.on nor power.reset",
         )),
     }
+    .map(|()| at)
 }

@@ -13,7 +13,7 @@ use ferry_proto::record::{Body, Record};
 use serde_json::json;
 
 use crate::client::Session;
-use crate::console::{Console, Signal};
+use crate::console::{Console, KernelStarts, Signal};
 use crate::device::Device;
 use crate::events::EventLog;
 use crate::job::Job;
@@ -22,6 +22,7 @@ use crate::outcome::{Class, Failure, Outcome};
 use crate::output::{self, Boot};
 use crate::power;
 use crate::report;
+use crate::timings::Marks;
 
 /// Where the job is; decides the class of a job timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,10 @@ struct Progress {
     pinned: Option<SocketAddr>,
     /// Warnings learned while running (records the board refused to return).
     warnings: Vec<String>,
+    /// The moments the boot-phase timings lie between.
+    marks: Marks,
+    /// When kernels started on the console (kept if the console goes).
+    kernels: Vec<KernelStarts>,
 }
 
 /// One job's run.
@@ -97,6 +102,12 @@ impl Ctx {
         self.events
             .event("dispatcher", json!({ "phase": p.name() }));
     }
+    /// Notes a moment for the boot-phase timings (the first time only).
+    fn mark(&self, which: fn(&mut Marks) -> &mut Option<SystemTime>) {
+        self.progress(|s| {
+            which(&mut s.marks).get_or_insert_with(SystemTime::now);
+        });
+    }
     fn phase(&self) -> Phase {
         self.progress(|s| s.phase).flatten().unwrap_or(Phase::Power)
     }
@@ -111,6 +122,9 @@ impl Ctx {
     }
     fn saw(&self, a: &Announcement) {
         let role = a.role.as_str();
+        if a.role == Role::Test {
+            self.mark(|m| &mut m.test);
+        }
         self.events.event(
             "dispatcher",
             json!({ "kind": "boot", "role": role, "boot": a.boot, "version": a.version, "addr": a.addr.map(|x| x.to_string()) }),
@@ -215,11 +229,14 @@ async fn authenticate(
 async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     let d = &ctx.device;
     ctx.set_phase(Phase::Power);
-    power::start(d, &ctx.events).await?;
+    let on = power::start(d, &ctx.events).await?;
+    ctx.progress(|s| s.marks.power_on = Some(on));
     let mut console = Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
+    ctx.progress(|s| s.kernels.push(console.kernel_starts()));
 
     ctx.set_phase(Phase::Boot);
     let master = reach_master(ctx, &mut console, None, false).await?;
+    ctx.mark(|m| &mut m.master);
     let mut session = authenticate(ctx, &mut console, &master).await?;
 
     ctx.set_phase(Phase::Deploy);
@@ -258,6 +275,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     );
     session.boot_once(part).await?;
     session.reboot().await?;
+    ctx.mark(|m| &mut m.reboot);
     drop(session);
 
     ctx.set_phase(Phase::Test);
@@ -302,6 +320,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
         }
     };
 
+    ctx.mark(|m| &mut m.back);
     fetch_records(ctx, &mut console, &back).await?;
 
     // Whether the test image booted and finished is decided by the test
@@ -366,6 +385,7 @@ async fn fetch_records(
         .await;
     load_records(ctx, &board_dir);
     let fetched = fetched?;
+    ctx.mark(|m| &mut m.fetched);
     for w in &fetched.warnings {
         ctx.events.say("dispatcher", format!("warning: {w}"));
     }
@@ -427,6 +447,7 @@ async fn reach_master(
             if console.is_closed() {
                 *console =
                     Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
+                ctx.progress(|s| s.kernels.push(console.kernel_starts()));
             }
         }
         match wait_master_or_test(ctx, console, not, d.timeouts.announce, !last).await {
@@ -492,6 +513,7 @@ pub async fn after_panic(device_path: &Path, out: &Path, e: tokio::task::JoinErr
         outcome: &outcome,
         boots: &[],
         results: &[],
+        phases: None,
         started: SystemTime::now(),
     });
     outcome
@@ -561,6 +583,7 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
             outcome: &outcome,
             boots: &[],
             results: &[],
+            phases: None,
             started,
         });
         outcome
@@ -703,6 +726,11 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
         }
     }
     let results = report::results(&ctx.job.plan, &records, tested);
+    let (marks, consoles) = ctx
+        .progress(|s| (s.marks.clone(), s.kernels.clone()))
+        .unwrap_or_default();
+    let kernels: Vec<SystemTime> = consoles.iter().flat_map(KernelStarts::times).collect();
+    let phases = marks.phases(&kernels, &records);
     events.event(
         "dispatcher",
         json!({ "kind": "outcome", "class": outcome.class, "message": outcome.message }),
@@ -715,6 +743,7 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
         outcome: &outcome,
         boots: &boots,
         results: &results,
+        phases: Some(&phases),
         started,
     });
     // The board is off and everything written: the next job may have it.

@@ -82,13 +82,11 @@ pub fn line_start(line: &str) -> &str {
     }
 }
 
-/// The kernel's panic line, when `line` is one: `Kernel panic - not
-/// syncing...` at the start of the line, after the kernel's own time stamp
-/// (`[   12.345678] `) when it prints one. Not the closing `---[ end Kernel
-/// panic` line, and never text that merely contains the words.
-pub fn kernel_panic(line: &str) -> Option<&str> {
+/// A kernel message's text: the line after the kernel's own time stamp
+/// (`[   12.345678] `) when it prints one, else the whole line.
+fn kernel_text(line: &str) -> Option<&str> {
     let s = line_start(line);
-    let text = match s.strip_prefix('[') {
+    match s.strip_prefix('[') {
         Some(stamped) => {
             let (stamp, rest) = stamped.split_once(']')?;
             let stamp = stamp.trim_start();
@@ -97,12 +95,26 @@ pub fn kernel_panic(line: &str) -> Option<&str> {
             if !digits(secs) || !digits(frac) {
                 return None;
             }
-            rest.strip_prefix(' ')?
+            rest.strip_prefix(' ')
         }
-        None => s,
-    };
+        None => Some(s),
+    }
+}
+
+/// The kernel's panic line, when `line` is one: `Kernel panic - not
+/// syncing...` at the start of the line, after the kernel's own time stamp
+/// (`[   12.345678] `) when it prints one. Not the closing `---[ end Kernel
+/// panic` line, and never text that merely contains the words.
+pub fn kernel_panic(line: &str) -> Option<&str> {
+    let text = kernel_text(line)?;
     text.starts_with(PANIC_MARKER)
         .then(|| text.trim_end_matches(['\r', '\n', ' ']))
+}
+
+/// Whether `line` is a Linux kernel's first line (`Linux version ...`, in the
+/// kernel's format): a boot's kernel started.
+pub fn kernel_banner(line: &str) -> bool {
+    kernel_text(line).is_some_and(|t| t.starts_with("Linux version "))
 }
 
 /// Which agent announced itself.
@@ -389,6 +401,23 @@ mod tests {
             "escaped, still readable"
         );
         assert_eq!(mirror_output("plain ünïcode"), "| plain ünïcode");
+    }
+
+    #[test]
+    fn kernel_banners_only_in_the_kernels_format() {
+        for line in [
+            "[    0.000000] Linux version 6.1.0-56-cloud-amd64 (debian-kernel@lists.debian.org)",
+            "Linux version 6.1.0 (builder) #1 SMP\r",
+        ] {
+            assert!(kernel_banner(line), "{line:?}");
+        }
+        for line in [
+            "test says: Linux version 6.1",
+            "[ferry] Linux version 6.1",
+            "[    0.000000] Command line: console=ttyS0",
+        ] {
+            assert!(!kernel_banner(line), "{line:?}");
+        }
     }
 
     #[test]

@@ -150,6 +150,29 @@ fn smoke_job_on_the_virtual_board() {
         (2, 3),
         "{log}"
     );
+    // Every boot phase, the kernel's first line between power-on and the
+    // master's announcement.
+    let phases = &run.json("outcome.json")["phases"];
+    let secs = |p: &str| {
+        phases[p]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{p}: {phases}"))
+    };
+    for p in [
+        "power_to_kernel",
+        "kernel_to_master",
+        "deploy",
+        "reboot_to_test",
+        "test",
+        "reboot_to_master",
+        "fetch",
+    ] {
+        assert!(secs(p) >= 0.0, "{p}: {phases}");
+    }
+    assert!(
+        (secs("power_to_kernel") + secs("kernel_to_master") - secs("power_to_master")).abs() < 0.01,
+        "{phases}"
+    );
     let events = run.text("events.jsonl");
     assert!(events.contains("hello from Linux\\n"));
     assert!(run

@@ -60,6 +60,29 @@ fn smoke_job_runs_end_to_end_with_exact_results() {
         .text("test-output/smoke.stdout")
         .contains("hello from Linux\n"));
     assert!(String::from_utf8_lossy(&run.output.stdout).contains("complete (exit 0)"));
+    // Where the time went: every phase of a whole run (the simulated board
+    // prints a kernel banner too).
+    let phases = &run.json("outcome.json")["phases"];
+    for p in [
+        "power_to_kernel",
+        "kernel_to_master",
+        "power_to_master",
+        "deploy",
+        "reboot_to_test",
+        "test",
+        "reboot_to_master",
+        "fetch",
+    ] {
+        assert!(
+            phases[p].as_f64().is_some_and(|s| s >= 0.0),
+            "{p}: {phases}"
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&run.output.stdout).contains("\n  phases: power-on > kernel "),
+        "{}",
+        run.dump()
+    );
     assert!(
         !board.powered(),
         "the board must be powered off after the job"

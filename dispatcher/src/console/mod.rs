@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ferry_proto::console::{kernel_panic, Announcement, TokenLine};
+use ferry_proto::console::{kernel_banner, kernel_panic, Announcement, TokenLine};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -45,6 +45,24 @@ type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 /// The writing half, shared with the reader (which answers telnet options).
 type Shared = Arc<tokio::sync::Mutex<Writer>>;
 
+/// When each kernel printed its first line (`Linux version`) on a console,
+/// noted by its reader as the line arrives; a clone keeps the list after the
+/// console is gone (for the run's boot-phase timings).
+#[derive(Debug, Clone, Default)]
+pub struct KernelStarts(Arc<std::sync::Mutex<Vec<SystemTime>>>);
+
+impl KernelStarts {
+    /// The times, in order.
+    pub fn times(&self) -> Vec<SystemTime> {
+        self.0.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+    fn push(&self, at: SystemTime) {
+        if let Ok(mut t) = self.0.lock() {
+            t.push(at);
+        }
+    }
+}
+
 /// An open console.
 pub struct Console {
     writer: Shared,
@@ -54,6 +72,7 @@ pub struct Console {
     /// The reader task: it holds the reading half (and a tty's exclusive
     /// lock), so it ends with the console.
     reader: tokio::task::JoinHandle<()>,
+    kernels: KernelStarts,
     _child: Option<tokio::process::Child>,
 }
 
@@ -135,13 +154,21 @@ impl Console {
         let (tx, lines) = mpsc::unbounded_channel();
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let telnet = matches!(spec, Spec::Telnet(_));
-        let reader = tokio::spawn(read(reader, tx, events, telnet.then(|| writer.clone())));
+        let kernels = KernelStarts::default();
+        let reader = tokio::spawn(read(
+            reader,
+            tx,
+            events,
+            telnet.then(|| writer.clone()),
+            kernels.clone(),
+        ));
         Ok(Console {
             writer,
             telnet,
             lines,
             closed: None,
             reader,
+            kernels,
             _child: child,
         })
     }
@@ -180,6 +207,11 @@ impl Console {
                 self.closed = Some(reason);
             }
         }
+    }
+
+    /// When kernels started on this console (shared with its reader).
+    pub fn kernel_starts(&self) -> KernelStarts {
+        self.kernels.clone()
     }
 
     /// Whether the console has closed (a new one must be opened).
@@ -235,6 +267,7 @@ async fn read(
     tx: mpsc::UnboundedSender<Seen>,
     events: Arc<EventLog>,
     telnet: Option<Shared>,
+    kernels: KernelStarts,
 ) {
     let mut decoder = telnet::Decoder::default();
     let (mut data, mut reply) = (Vec::new(), Vec::new());
@@ -242,6 +275,8 @@ async fn read(
     let mut line: Vec<u8> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut since = SystemTime::now();
+    // When the line being gathered began to arrive.
+    let mut line_at = since;
     let closed = |why: String, pending: &[u8], since| {
         if !pending.is_empty() {
             events.console(pending, since);
@@ -291,9 +326,16 @@ async fn read(
                 pending.clear();
             }
             if b == b'\n' {
-                let _ = tx.send(Seen::Line(String::from_utf8_lossy(&line).into_owned()));
+                let text = String::from_utf8_lossy(&line).into_owned();
+                if kernel_banner(&text) {
+                    kernels.push(line_at);
+                }
+                let _ = tx.send(Seen::Line(text));
                 line.clear();
             } else if line.len() < 64 * 1024 {
+                if line.is_empty() {
+                    line_at = now;
+                }
                 line.push(b);
             }
         }
