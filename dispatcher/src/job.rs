@@ -145,6 +145,14 @@ struct TestSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DefinitionRef {
+    /// LAVA's `from: git|inline|path`; inferred from the other keys when absent.
+    from: Option<String>,
+    /// A git repository; `path` is then the definition inside it.
+    repository: Option<String>,
+    branch: Option<String>,
+    revision: Option<String>,
+    /// LAVA keeps `.git` unless `history: false`; Ferry never ships it.
+    history: Option<bool>,
     path: Option<PathBuf>,
     inline: Option<LavaDefinition>,
     name: Option<String>,
@@ -245,6 +253,29 @@ struct Install {
 #[serde(deny_unknown_fields)]
 struct Run {
     steps: Vec<Value>,
+}
+
+/// The most the repositories of a plan's git definitions may weigh,
+/// compressed: the plan travels in one call the master agent caps at 4 MiB.
+const MAX_SHIPPED_TREES: usize = 3 << 20;
+
+/// Where a git definition came from, and its tree.
+#[derive(Default)]
+struct GitSource {
+    repository: String,
+    path: String,
+    revision: String,
+    commit: String,
+    tree: Vec<u8>,
+}
+
+/// The checkout as a gzip'd tar, paths relative to its root.
+fn pack_tree(dir: &Path) -> std::io::Result<Vec<u8>> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", dir)?;
+    tar.into_inner()?.finish()
 }
 
 /// A checked job.
@@ -378,6 +409,7 @@ impl Job {
 
         let mut warnings = Vec::new();
         let mut definitions: Vec<Definition> = Vec::new();
+        let mut shipped = 0usize;
         for (i, r) in file
             .test
             .map(|t| t.definitions)
@@ -386,7 +418,80 @@ impl Job {
             .enumerate()
         {
             let key = format!("test.definitions[{i}]");
+            let mut source = GitSource::default();
+            let from_git = r.repository.is_some() || r.from.as_deref() == Some("git");
+            if let Some(from) = r
+                .from
+                .as_deref()
+                .filter(|f| !["git", "inline", "path"].contains(f))
+            {
+                return Err(Failure::job(at(format!(
+                    "{key}.from: {from:?} is not supported; use git, inline or path"
+                ))));
+            }
+            if !from_git && (r.branch.is_some() || r.revision.is_some() || r.history.is_some()) {
+                return Err(Failure::job(at(format!(
+                    "{key}: `branch`, `revision` and `history` need a `repository`"
+                ))));
+            }
             let (def, origin) = match (&r.path, r.inline) {
+                (Some(p), None) if from_git => {
+                    let repository = r.repository.clone().ok_or_else(|| {
+                        Failure::job(at(format!("{key}: `from: git` needs a `repository`")))
+                    })?;
+                    if p.is_absolute()
+                        || p.components().any(|c| c == std::path::Component::ParentDir)
+                    {
+                        return Err(Failure::job(at(format!(
+                            "{key}.path: {} must be a path inside the repository",
+                            p.display()
+                        ))));
+                    }
+                    let checkout = crate::git::fetch(
+                        &repository,
+                        r.branch.as_deref(),
+                        r.revision.as_deref(),
+                        &crate::git::cache_dir(),
+                        file.timeouts.deploy,
+                    )
+                    .map_err(|e| Failure::job(at(format!("{key}.repository: {e}"))))?;
+                    let full = checkout.dir.join(p);
+                    let def: LavaDefinition = yaml::load(&full).map_err(|e| {
+                        Failure::job(format!("test definition {repository} {}: {e}", p.display()))
+                    })?;
+                    if r.history == Some(true) {
+                        warnings.push(format!(
+                            "{key}: history: true is accepted, but only the tree at {} is shipped to the board",
+                            checkout.commit
+                        ));
+                    }
+                    source = GitSource {
+                        tree: pack_tree(&checkout.dir).map_err(|e| {
+                            Failure::job(at(format!(
+                                "{key}: packing {}: {e}",
+                                checkout.dir.display()
+                            )))
+                        })?,
+                        repository: repository.clone(),
+                        path: p.display().to_string(),
+                        revision: r
+                            .revision
+                            .clone()
+                            .or_else(|| r.branch.clone())
+                            .unwrap_or_default(),
+                        commit: checkout.commit.clone(),
+                    };
+                    shipped += source.tree.len();
+                    if shipped > MAX_SHIPPED_TREES {
+                        return Err(Failure::job(at(format!(
+                            "{key}: the definitions' repositories come to {shipped} bytes compressed, more than the {MAX_SHIPPED_TREES} a test plan may carry; use a smaller repository"
+                        ))));
+                    }
+                    (
+                        def,
+                        format!("{repository}@{}:{}", checkout.commit, p.display()),
+                    )
+                }
                 (Some(p), None) => {
                     let full = dir.join(p);
                     let def: LavaDefinition = yaml::load(&full)
@@ -396,7 +501,7 @@ impl Job {
                 (None, Some(def)) => (def, format!("{} {key}.inline", path.display())),
                 _ => {
                     return Err(Failure::job(at(format!(
-                        "{key}: give exactly one of `path` or `inline`"
+                        "{key}: give exactly one of `path` (with `repository` for git) or `inline`"
                     ))))
                 }
             };
@@ -464,6 +569,11 @@ impl Job {
                 parse_pattern,
                 fixupdict,
                 install_deps,
+                repository: source.repository,
+                path: source.path,
+                revision: source.revision,
+                commit: source.commit,
+                tree_tar_gz: source.tree,
             });
         }
         Ok(Job {

@@ -16,6 +16,7 @@ pub mod console;
 pub mod device;
 pub mod events;
 pub mod exec;
+pub mod git;
 pub mod job;
 pub mod jobs;
 pub mod lab;

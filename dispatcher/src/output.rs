@@ -48,7 +48,13 @@ pub struct Report<'a> {
 }
 
 /// The files [`write`] produces, `outcome.json` last.
-const FILES: [&str; 4] = ["results.json", "junit.xml", "summary.txt", "outcome.json"];
+const FILES: [&str; 5] = [
+    "results.json",
+    "results.yaml",
+    "junit.xml",
+    "summary.txt",
+    "outcome.json",
+];
 
 /// Removes a previous run's files from a reused output folder, so a job that
 /// dies before [`write`] can never show another job's outcome.
@@ -89,6 +95,11 @@ fn put(out: &Path, name: &str, text: &[u8]) -> std::io::Result<()> {
 pub fn write(r: &Report) {
     let results = serde_json::to_string_pretty(r.results).unwrap_or_else(|_| "[]".into());
     let _ = put(r.out, "results.json", (results + "\n").as_bytes());
+    let _ = put(
+        r.out,
+        "results.yaml",
+        report::results_yaml(r.job.unwrap_or(""), r.results).as_bytes(),
+    );
     let _ = put(
         r.out,
         "junit.xml",

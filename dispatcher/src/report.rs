@@ -31,6 +31,21 @@ pub struct TestResult {
     /// A URL, from `lava-test-reference`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// A `lava` row: the definition's wall time in seconds (`"1.25"`, as LAVA writes it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    /// A `lava` row of a definition from git: the repository URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// A `lava` row of a definition from git: the definition's path in it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A `lava` row of a definition from git: the revision or branch asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// A `lava` row of a definition from git: the commit it resolved to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit_id: Option<String>,
 }
 
 /// The results of a run: every `lava-test-case`, then one `lava` result per
@@ -52,6 +67,11 @@ pub fn results(plan: &TestPlan, records: &[Record], plan_ran: bool) -> Vec<TestR
                 suite: definition.clone(),
                 name: case.clone(),
                 reference: reference.clone(),
+                duration: None,
+                repository: None,
+                path: None,
+                revision: None,
+                commit_id: None,
                 result: *result,
                 measurement: *measurement,
                 units: units.clone(),
@@ -69,12 +89,13 @@ pub fn results(plan: &TestPlan, records: &[Record], plan_ran: bool) -> Vec<TestR
                 definition,
                 exit_code,
                 timed_out,
-                ..
-            } if *definition == def.name => Some((*exit_code, *timed_out)),
+                duration_ms,
+            } if *definition == def.name => Some((*exit_code, *timed_out, *duration_ms)),
             _ => None,
         });
+        let git = |v: &str| (!def.commit.is_empty()).then(|| v.to_string());
         let result = match finished {
-            Some((Some(0), false)) => Outcome::Pass,
+            Some((Some(0), false, _)) => Outcome::Pass,
             Some(_) => Outcome::Fail,
             None => Outcome::Unknown,
         };
@@ -86,6 +107,15 @@ pub fn results(plan: &TestPlan, records: &[Record], plan_ran: bool) -> Vec<TestR
             units: None,
             set: None,
             reference: None,
+            duration: finished.map(|f| format!("{:.2}", f.2 as f64 / 1000.0)),
+            repository: git(&def.repository),
+            path: git(&def.path),
+            revision: git(if def.revision.is_empty() {
+                "unspecified"
+            } else {
+                &def.revision
+            }),
+            commit_id: git(&def.commit),
         });
     }
     out
@@ -114,6 +144,80 @@ pub fn aborted(records: &[Record]) -> Option<crate::outcome::Outcome> {
         }),
         _ => None,
     })
+}
+
+/// One entry of `results.yaml`, as LAVA's server exports a test case
+/// (`lava_results_app.utils.export_testcase`): strings throughout,
+/// `measurement` `"None"` when there is none, the fields a server alone
+/// knows (`url`, `id` in its database, log lines) empty or counted here.
+#[derive(Debug, Serialize)]
+struct LavaCase<'a> {
+    name: &'a str,
+    job: &'a str,
+    suite: &'a str,
+    result: &'a str,
+    measurement: String,
+    unit: &'a str,
+    level: &'a str,
+    url: &'a str,
+    id: String,
+    logged: &'a str,
+    log_start_line: &'a str,
+    log_end_line: &'a str,
+    metadata: serde_json::Value,
+}
+
+/// `results.yaml`: every result in LAVA's export shape; `metadata` holds
+/// what LAVA's dispatcher logged for it (`definition`, `case`, `result`,
+/// `measurement`, `units`, `set`, `reference`; for a definition's own
+/// `lava` row `duration`, `repository`, `path`, `revision`, `commit_id`).
+pub fn results_yaml(job: &str, results: &[TestResult]) -> String {
+    let cases: Vec<LavaCase> = results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut meta = serde_json::Map::new();
+            meta.insert("definition".into(), r.suite.clone().into());
+            meta.insert("case".into(), r.name.clone().into());
+            meta.insert("result".into(), r.result.as_str().into());
+            let mut put = |k: &str, v: &Option<String>| {
+                if let Some(v) = v {
+                    meta.insert(k.into(), v.clone().into());
+                }
+            };
+            put("units", &r.units);
+            put("set", &r.set);
+            put("reference", &r.reference);
+            put("duration", &r.duration);
+            if r.suite == LAVA_SUITE {
+                // LAVA's lava rows always carry these three.
+                let or = |v: &Option<String>, d: &str| Some(v.clone().unwrap_or_else(|| d.into()));
+                put("repository", &or(&r.repository, ""));
+                put("path", &or(&r.path, ""));
+                put("revision", &or(&r.revision, "unspecified"));
+            }
+            put("commit_id", &r.commit_id);
+            if let Some(m) = r.measurement {
+                meta.insert("measurement".into(), m.into());
+            }
+            LavaCase {
+                name: &r.name,
+                job,
+                suite: &r.suite,
+                result: r.result.as_str(),
+                measurement: r.measurement.map_or("None".into(), |m| m.to_string()),
+                unit: r.units.as_deref().unwrap_or(""),
+                level: "",
+                url: "",
+                id: (i + 1).to_string(),
+                logged: "",
+                log_start_line: "",
+                log_end_line: "",
+                metadata: meta.into(),
+            }
+        })
+        .collect();
+    serde_norway::to_string(&cases).unwrap_or_default()
 }
 
 /// Counts by result.

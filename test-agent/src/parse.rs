@@ -83,9 +83,11 @@ impl Pattern {
             None | Some("") => None,
             Some(m) => match m.parse::<f64>() {
                 Ok(v) if v.is_finite() => Some(v),
-                _ => return Some(Err(format!(
+                _ => {
+                    return Some(Err(format!(
                     "parse.pattern matched {case:?} with measurement {m:?}, which is not a number"
-                ))),
+                )))
+                }
             },
         };
         let units = caps

@@ -380,6 +380,17 @@ fn run_definition(
         &script_path,
         std::fs::write(&script_path, script(def, &install)),
     )?;
+    // A definition from git runs in its repository's tree, as in LAVA.
+    let work_dir = if def.tree_tar_gz.is_empty() {
+        run_dir.clone()
+    } else {
+        let repo = run_dir.join("repo");
+        let _ = std::fs::remove_dir_all(&repo);
+        prepare(&repo, std::fs::create_dir_all(&repo))?;
+        let gz = flate2::read::GzDecoder::new(def.tree_tar_gz.as_slice());
+        prepare(&repo, tar::Archive::new(gz).unpack(&repo))?;
+        repo
+    };
 
     let bin = ctx.root.join(FERRY_DIR).join("bin");
     let path = format!(
@@ -398,7 +409,7 @@ fn run_definition(
 
     let mut child = Command::new("/bin/sh")
         .arg(&script_path)
-        .current_dir(&run_dir)
+        .current_dir(&work_dir)
         .env("PATH", path)
         .env("FERRY_RECORDS", &ctx.records)
         .env("FERRY_AGENT_SOCKET", &ctx.socket)

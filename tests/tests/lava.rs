@@ -120,6 +120,7 @@ fn linaro_style_definitions_from_path_and_inline_give_every_result() {
     let mut expected = linaro_style("from-path");
     expected.extend(linaro_style("from-inline"));
     assert_eq!(full(&run), sorted(expected), "{}", run.dump());
+    check_results_yaml(&run, "lava-style");
     // The pattern read the steps' output on the board: the signal lines
     // mirrored to the console were not needed.
     let console = run.text("console.log");
@@ -157,6 +158,7 @@ fn a_raise_ends_the_run_as_a_test_error_keeping_earlier_results() {
         "{}",
         run.dump()
     );
+    check_results_yaml(&run, "raise");
     // The board still went back to its master image and was powered off.
     assert_eq!(
         run.boot_roles(),
@@ -217,4 +219,180 @@ fn install_deps_go_through_the_images_package_manager() {
     );
     let log = std::fs::read_to_string(bin.join("opkg.log")).expect("opkg ran");
     assert_eq!(log, "update\ninstall curl iperf3\n");
+}
+
+fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn definitions_from_a_git_repository_run_in_its_tree_with_the_commit_in_the_results() {
+    let board = SimBoard::new();
+    // A test-definitions repository, reached as file:// (never the network).
+    let repo = board.tmp.path().join("test-definitions");
+    let auto = repo.join("automated/linux/linaro-style");
+    std::fs::create_dir_all(&auto).expect("repo");
+    git(&repo, &["init", "-q", "-b", "master", "."]);
+    git(&repo, &["config", "user.email", "qa@example.org"]);
+    git(&repo, &["config", "user.name", "qa"]);
+    std::fs::write(auto.join("linaro-style.yaml"), definition_text()).expect("def");
+    std::fs::write(
+        auto.join("hello.sh"),
+        "#!/bin/sh\nlava-test-case repo-script --result pass\n",
+    )
+    .expect("script");
+    std::fs::set_permissions(
+        auto.join("hello.sh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    std::fs::write(
+        auto.join("hello.yaml"),
+        "metadata:\n  format: Lava-Test Test Definition 1.0\n  name: hello\nrun:\n  steps:\n    - cd ./automated/linux/linaro-style/\n    - ./hello.sh\n",
+    )
+    .expect("def");
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "definitions"]);
+    git(&repo, &["tag", "2024.01"]);
+    let tagged = git(&repo, &["rev-parse", "HEAD"]);
+    // A later commit on the branch: the branch gives it, the tag does not.
+    std::fs::write(
+        auto.join("hello.sh"),
+        "#!/bin/sh\nlava-test-case repo-script --result fail\n",
+    )
+    .expect("script");
+    git(&repo, &["commit", "-q", "-am", "later"]);
+    let tip = git(&repo, &["rev-parse", "HEAD"]);
+    let url = format!("file://{}", repo.display());
+    let job = board.job(
+        "git.yaml",
+        &format!("job: git-defs\ntimeouts: {{job: 5m, deploy: 1m, test: 3m}}\ntest:\n  definitions:\n    - from: git\n      repository: {url}\n      path: automated/linux/linaro-style/linaro-style.yaml\n      branch: master\n      history: false\n      parameters: {{ITERATIONS: 3}}\n    - repository: {url}\n      path: automated/linux/linaro-style/hello.yaml\n      revision: 2024.01\n      history: false\n"),
+    );
+    let cache = board.tmp.path().join("cache");
+    let cache_env = cache.display().to_string();
+    let run = board.run_env(&job, &[("FERRY_CACHE_DIR", &cache_env)]);
+    run.expect_outcome("complete");
+    let mut expected = linaro_style("linaro-style");
+    expected.push(row("hello", "repo-script", "pass"));
+    expected.push(row("lava", "hello", "pass"));
+    assert_eq!(full(&run), sorted(expected), "{}", run.dump());
+    // The lava rows carry where each definition came from.
+    let results = run.json("results.json");
+    let lava = |name: &str| {
+        results
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["suite"] == "lava" && r["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no lava row {name}"))
+    };
+    let l = lava("linaro-style");
+    assert_eq!(
+        (
+            l["repository"].as_str(),
+            l["path"].as_str(),
+            l["revision"].as_str(),
+            l["commit_id"].as_str()
+        ),
+        (
+            Some(url.as_str()),
+            Some("automated/linux/linaro-style/linaro-style.yaml"),
+            Some("master"),
+            Some(tip.as_str())
+        )
+    );
+    let h = lava("hello");
+    assert_eq!(
+        (h["revision"].as_str(), h["commit_id"].as_str()),
+        (Some("2024.01"), Some(tagged.as_str()))
+    );
+    assert!(
+        h["duration"]
+            .as_str()
+            .is_some_and(|d| d.parse::<f64>().is_ok()),
+        "{h}"
+    );
+    // Cached by commit, without history.
+    assert!(cache
+        .join("git")
+        .join(&tip)
+        .join("automated/linux/linaro-style/hello.sh")
+        .is_file());
+    assert!(!cache.join("git").join(&tip).join(".git").exists());
+
+    let cases = check_results_yaml(&run, "git-defs");
+    let hello = cases
+        .iter()
+        .find(|c| c["suite"] == "lava" && c["name"] == "hello")
+        .expect("lava hello");
+    assert_eq!(
+        hello["metadata"]["commit_id"].as_str(),
+        Some(tagged.as_str())
+    );
+    assert_eq!(hello["metadata"]["repository"].as_str(), Some(url.as_str()));
+}
+
+/// `results.yaml` holds every result of `results.json`, in LAVA's export
+/// shape; returns its entries.
+fn check_results_yaml(run: &Run, job: &str) -> Vec<serde_json::Value> {
+    let results = run.json("results.json");
+    let yaml: serde_json::Value =
+        serde_norway::from_str(&run.text("results.yaml")).expect("results.yaml");
+    let cases = yaml.as_array().expect("a list");
+    assert_eq!(cases.len(), results.as_array().map_or(0, Vec::len));
+    for (c, r) in cases.iter().zip(results.as_array().into_iter().flatten()) {
+        assert_eq!(c["job"], job);
+        assert_eq!(c["suite"], r["suite"]);
+        assert_eq!(c["name"], r["name"]);
+        assert_eq!(c["result"], r["result"]);
+        assert_eq!(c["metadata"]["definition"], r["suite"]);
+        assert_eq!(c["metadata"]["case"], r["name"]);
+        assert_eq!(c["metadata"]["result"], r["result"]);
+        match r["measurement"].as_f64() {
+            Some(m) => {
+                assert_eq!(
+                    c["measurement"]
+                        .as_str()
+                        .and_then(|s| s.parse::<f64>().ok()),
+                    Some(m)
+                );
+                assert_eq!(c["unit"], r["units"]);
+                assert_eq!(c["metadata"]["measurement"].as_f64(), Some(m));
+            }
+            None => assert_eq!(c["measurement"], "None"),
+        }
+        for k in [
+            "set",
+            "reference",
+            "duration",
+            "repository",
+            "path",
+            "revision",
+            "commit_id",
+        ] {
+            if !r[k].is_null() {
+                assert_eq!(c["metadata"][k], r[k], "{k} of {r}");
+            }
+        }
+        for k in [
+            "level",
+            "url",
+            "id",
+            "logged",
+            "log_start_line",
+            "log_end_line",
+        ] {
+            assert!(c[k].is_string(), "{k} in {c}");
+        }
+    }
+    cases.clone()
 }
