@@ -504,3 +504,47 @@ test:
         .starts_with("still here\n"));
     assert!(!board.powered());
 }
+
+#[test]
+fn floods_of_two_byte_lines_and_binary_output_come_back_byte_exact() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "bytes.yaml",
+        r#"job: bytes
+timeouts: {job: 2m, test: 1m}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: bytes}
+        run:
+          steps:
+            - yes | head -c 2000000
+            - i=0; while [ $i -lt 256 ]; do printf "\\$(printf %o $i)"; i=$((i+1)); done >&2
+            - lava-test-case done --result pass
+"#,
+    );
+    let run = board.run(&job);
+    run.expect_outcome("complete");
+    assert_eq!(
+        run.results(),
+        vec![r("bytes", "done", "pass"), r("lava", "bytes", "pass")],
+        "{}",
+        run.dump()
+    );
+    let mut expected = b"y\n".repeat(1_000_000);
+    expected.extend_from_slice(b"<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=done RESULT=pass>\n");
+    let stdout = std::fs::read(run.dir.join("test-output/bytes.stdout")).expect("stdout");
+    assert_eq!(stdout.len(), expected.len());
+    assert!(stdout == expected, "stdout differs");
+    let stderr = std::fs::read(run.dir.join("test-output/bytes.stderr")).expect("stderr");
+    assert_eq!(stderr, (0..=255u8).collect::<Vec<u8>>());
+    // The events carry the lines that are not UTF-8 as base64, not as lossy text.
+    let events = run.text("events.jsonl");
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"stream\":\"stderr\"") && l.contains("\"base64\":")),
+        "{}",
+        run.dump()
+    );
+}
