@@ -212,6 +212,7 @@ pub fn up(dir: &Path, scenario: &Scenario) -> Result<Lab, LabError> {
     let devices = dir.join("devices");
     std::fs::create_dir_all(&devices).map_err(io(&devices))?;
     let mut boards = Vec::new();
+    let mut to_prepare = Vec::new();
     for g in &scenario.boards {
         for n in 1..=g.count {
             let name = format!("{}-{n}", g.name);
@@ -225,7 +226,7 @@ pub fn up(dir: &Path, scenario: &Scenario) -> Result<Lab, LabError> {
                         .clone()
                         .or_else(|| sibling("ferry-sim-board"))
                         .ok_or_else(|| LabError::Missing("ferry-sim-board".into()))?;
-                    prepare_sim(&sim, &state)?;
+                    to_prepare.push((sim.clone(), state.clone()));
                     (sim_device(&device, &sim, &state), None)
                 }
                 Kind::Qemu => {
@@ -251,6 +252,25 @@ pub fn up(dir: &Path, scenario: &Scenario) -> Result<Lab, LabError> {
                 netns,
             });
         }
+    }
+    // Simulated boards are prepared a few at a time (each packs its own
+    // test-agent bundle): a lab of a hundred comes up in seconds, not minutes.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    for chunk in to_prepare.chunks(workers) {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(sim, state)| scope.spawn(move || prepare_sim(sim, state)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(LabError::Missing("a board preparation thread".into()))
+                    })
+                })
+                .collect::<Result<Vec<()>, LabError>>()
+        })?;
     }
     let lab = Lab {
         dir: dir.clone(),

@@ -114,6 +114,7 @@ pub fn write(r: &Report) {
         "device": r.device,
         "duration_seconds": seconds(r.started),
         "dispatcher_peak_rss_kib": peak_rss_kib(),
+        "dispatcher_cpu_seconds": cpu_seconds(),
         "boots": r.boots,
         "phases": r.phases,
         "results": { "pass": counts.pass, "fail": counts.fail, "skip": counts.skip, "unknown": counts.unknown },
@@ -128,8 +129,19 @@ pub fn write(r: &Report) {
     let _ = std::io::stdout().write_all(summary.as_bytes());
 }
 
-/// The dispatcher's own peak resident memory (VmHWM), for capacity planning
+/// The dispatcher's own CPU time (user + system), for capacity planning
 /// when many boards share a host.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // Clock ticks: 100 per second on every Linux ABI Ferry runs on.
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The dispatcher's own peak resident memory (VmHWM), likewise.
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
