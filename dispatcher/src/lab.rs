@@ -256,7 +256,18 @@ pub fn up(dir: &Path, scenario: &Scenario) -> Result<Lab, LabError> {
     // Simulated boards are prepared a few at a time (each packs its own
     // test-agent bundle): a lab of a hundred comes up in seconds, not minutes.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
-    for chunk in to_prepare.chunks(workers) {
+    // The first board packs the test-agent bundle; the others share it.
+    if let Some((sim, state)) = to_prepare.first() {
+        prepare_sim(sim, state)?;
+        let bundle = state.join("test-agent.tar.gz");
+        for (_, other) in &to_prepare[1..] {
+            let to = other.join("test-agent.tar.gz");
+            std::fs::hard_link(&bundle, &to)
+                .or_else(|_| std::fs::copy(&bundle, &to).map(|_| ()))
+                .map_err(io(&to))?;
+        }
+    }
+    for chunk in to_prepare.get(1..).unwrap_or_default().chunks(workers) {
         std::thread::scope(|scope| {
             let handles: Vec<_> = chunk
                 .iter()

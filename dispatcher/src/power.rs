@@ -27,17 +27,27 @@ pub async fn command(
         .arg(cmd)
         .current_dir(dir)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        // Its own process group: a command that hangs is killed whole, with
+        // whatever it started, not just its shell.
+        .process_group(0)
         .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(timeout, child).await {
+        .spawn()
+        .map_err(|e| Failure::infra(format!("power {what} command could not start: {e}: {cmd}")))?;
+    let group = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Err(_) => {
+            if let Some(g) = group {
+                let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+            }
             return Err(Failure::infra(format!(
                 "power {what} command timed out after {timeout:?}: {cmd}"
-            )))
+            )));
         }
         Ok(Err(e)) => {
             return Err(Failure::infra(format!(
-                "power {what} command could not start: {e}: {cmd}"
+                "power {what} command failed to run: {e}: {cmd}"
             )))
         }
         Ok(Ok(out)) => out,
@@ -90,11 +100,15 @@ pub async fn off(device: &Device, events: &EventLog) -> Result<(), Failure> {
 
 /// Brings the board up from a known state: off, then `on` (or `reset`).
 /// Returns when the `on` (or `reset`) command started: the power-on.
+/// A failing `off` here is only a warning: the board is about to be
+/// powered on, and `on` failing too is what ends the job.
 ///
 /// # Errors
 /// An infrastructure error from the commands.
 pub async fn start(device: &Device, events: &EventLog) -> Result<SystemTime, Failure> {
-    off(device, events).await?;
+    if let Err(f) = off(device, events).await {
+        events.say("dispatcher", format!("warning: {}; powering on anyway", f.message));
+    }
     let t = device.timeouts.power;
     let at = SystemTime::now();
     match (&device.power.on, &device.power.reset) {
