@@ -48,7 +48,9 @@ pub fn write(output: &Path) -> Result<(), BundleError> {
     let exe = std::env::current_exe().map_err(err)?;
     let binary = std::fs::read(&exe).map_err(err)?;
     let file = File::create(output).map_err(err)?;
-    let mut tar = Builder::new(GzEncoder::new(file, Compression::default()));
+    // Fast: packing happens on every simulated board's first power-on and
+    // at every image build; the few percent a slower level saves do not pay.
+    let mut tar = Builder::new(GzEncoder::new(file, Compression::fast()));
     for dir in ["ferry/", "ferry/bin/"] {
         let mut h = header(EntryType::Directory, 0o755, 0);
         tar.append_data(&mut h, dir, std::io::empty())

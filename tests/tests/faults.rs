@@ -41,7 +41,7 @@ fn board_with_power(on: &str, off: &str, timeout: &str) -> SimBoard {
             &format!("off: {real_off}"),
             &format!("off: {}", off.replace("OFF", &real_off)),
         )
-        .replace("power: 20s", &format!("power: {timeout}"))
+        .replace("power: 60s", &format!("power: {timeout}"))
     })
 }
 
