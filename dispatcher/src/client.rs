@@ -177,21 +177,51 @@ impl Session {
         entry: &DeployEntry,
         timeout: Duration,
     ) -> Result<pb::DeployReply, Failure> {
-        let mut file = tokio::fs::File::open(&entry.image)
-            .await
-            .map_err(|e| Failure::job(format!("image {}: {e}", entry.image.display())))?;
-        let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-        let header = pb::DeployHeader {
+        let bmap = match entry.bmap.as_deref() {
+            Some(b) if !crate::job::is_url(b) => tokio::fs::read_to_string(b)
+                .await
+                .map_err(|e| Failure::job(format!("bmap {b}: {e}")))?,
+            _ => String::new(),
+        };
+        let mut header = pb::DeployHeader {
             partition: entry.to.clone(),
             sha256: entry.sha256.to_ascii_lowercase(),
             compression: match entry.compression {
                 None => pb::Compression::Unspecified,
                 Some(Compression::None) => pb::Compression::None,
                 Some(Compression::Gzip) => pb::Compression::Gzip,
+                Some(Compression::Xz) => pb::Compression::Xz,
+                Some(Compression::Zstd) => pb::Compression::Zstd,
             } as i32,
-            source_size: size,
+            source_size: 0,
             source_name: entry.image.display().to_string(),
+            url: String::new(),
+            bmap,
+            bmap_url: entry
+                .bmap
+                .clone()
+                .filter(|b| crate::job::is_url(b))
+                .unwrap_or_default(),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
         };
+        if let Some(url) = entry.url() {
+            // The board downloads it: the stream carries the header only.
+            header.url = url.to_string();
+            let msg = pb::DeployRequest {
+                msg: Some(pb::deploy_request::Msg::Header(header)),
+            };
+            let r = self
+                .client
+                .deploy(with_deadline(tokio_stream::iter([msg]), timeout))
+                .await;
+            return r
+                .map(|r| r.into_inner())
+                .map_err(|s| failure(&format!("deploying {url} to {}", entry.to), &s));
+        }
+        let mut file = tokio::fs::File::open(&entry.image)
+            .await
+            .map_err(|e| Failure::job(format!("image {}: {e}", entry.image.display())))?;
+        header.source_size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
         let (tx, rx) = mpsc::channel(4);
         let path = entry.image.clone();
         let reader = tokio::spawn(async move {

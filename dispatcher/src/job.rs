@@ -114,13 +114,24 @@ pub enum Compression {
     None,
     /// gzip.
     Gzip,
+    /// xz.
+    Xz,
+    /// zstd.
+    Zstd,
+}
+
+/// Whether a job's `image:` or `bmap:` names an http(s) URL (the board
+/// pulls it) rather than a file (the dispatcher streams it).
+pub fn is_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
 }
 
 /// One image to write.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeployEntry {
-    /// The image file, relative to the job file.
+    /// The image: a file relative to the job file, or an http(s) URL the
+    /// board downloads itself.
     pub image: PathBuf,
     /// The target partition, named in the device file.
     pub to: String,
@@ -134,6 +145,17 @@ pub struct DeployEntry {
     /// Compression; detected from the first bytes when absent.
     #[serde(default)]
     pub compression: Option<Compression>,
+    /// The image's bmap (bmaptool's XML): a file relative to the job file,
+    /// or an http(s) URL the board fetches.
+    #[serde(default)]
+    pub bmap: Option<String>,
+}
+
+impl DeployEntry {
+    /// The image's URL, when it is one.
+    pub fn url(&self) -> Option<&str> {
+        self.image.to_str().filter(|s| is_url(s))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -337,6 +359,13 @@ fn merge_params(params: &mut Vec<Param>, map: &Mapping, origin: &str) -> Result<
     Ok(())
 }
 
+/// The host of an http(s) URL, when it has one (the board resolves it).
+fn reqwest_like_url(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let host = rest.split(['/', '?', '#']).next()?;
+    (!host.is_empty() && !host.contains(char::is_whitespace)).then_some(host)
+}
+
 fn steps(values: &[Value], origin: &str, key: &str) -> Result<Vec<String>, Failure> {
     values
         .iter()
@@ -396,6 +425,25 @@ impl Job {
                     "deploy[{i}].sha256: {:?} is not 64 hex digits",
                     d.sha256
                 ))));
+            }
+            if let Some(b) = d.bmap.as_mut().filter(|b| !is_url(b)) {
+                let path = dir.join(&*b);
+                if !path.is_file() {
+                    return Err(Failure::job(at(format!(
+                        "deploy[{i}].bmap: {} is not a readable file",
+                        path.display()
+                    ))));
+                }
+                *b = path.display().to_string();
+            }
+            if let Some(url) = d.url() {
+                if reqwest_like_url(url).is_none() {
+                    return Err(Failure::job(at(format!(
+                        "deploy[{i}].image: {url:?} is not a valid URL"
+                    ))));
+                }
+                deploy.push(d);
+                continue;
             }
             d.image = dir.join(&d.image);
             if !d.image.is_file() {

@@ -18,6 +18,10 @@ use crate::config::Config;
 use crate::console::{say, ConsoleWriter};
 use crate::deploy::{self, DeployError, ImageSpec, Written, SOURCE_BROKE};
 use crate::exec::{self, ExecError, ExecSpec, Exit, Output};
+use crate::download;
+
+/// The largest bmap fetched (a bmap of a 64 GiB image is well under 1 MiB).
+const BMAP_LIMIT: u64 = 16 << 20;
 use crate::install::{self, InstallError, Installed};
 use crate::platform::{self, PartitionInfo, Platform, PlatformError};
 use crate::results::{self, ResultsError};
@@ -78,6 +82,12 @@ pub enum AgentError {
     /// From writing an image.
     #[error(transparent)]
     Deploy(#[from] DeployError),
+    /// From downloading an image or a bmap.
+    #[error(transparent)]
+    Download(#[from] crate::download::DownloadError),
+    /// The job's bmap is not a valid bmap.
+    #[error(transparent)]
+    BadBmap(#[from] crate::deploy::bmap::BmapError),
     /// From installing the test side.
     #[error(transparent)]
     Install(#[from] InstallError),
@@ -331,6 +341,54 @@ impl Agent {
         Ok(written)
     }
 
+    /// Downloads the image at `url` (resuming dropped connections) and
+    /// writes it like [`Agent::deploy`], all before `deadline`.
+    ///
+    /// # Errors
+    /// Download errors before the first byte, then as [`Agent::deploy`].
+    pub async fn deploy_url(
+        &self,
+        mut spec: ImageSpec,
+        url: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Written, AgentError> {
+        self.allowed(&spec.partition)?;
+        let client = download::client(self.config.download_connect_timeout)?;
+        let d = download::Download::start(client, url, self.retry(), deadline).await?;
+        // The server's word on the size lets a raw image that cannot fit be
+        // refused before the first byte is written.
+        spec.source_size = d.size.unwrap_or(0);
+        let (tx, rx) = mpsc::channel(8);
+        let pump = tokio::spawn(d.pump(tx));
+        let r = self.deploy(spec, rx).await;
+        pump.abort();
+        r
+    }
+
+    /// Fetches and parses a bmap from `url` before `deadline`.
+    ///
+    /// # Errors
+    /// Download errors, or not a valid bmap.
+    pub async fn fetch_bmap(
+        &self,
+        url: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<deploy::Bmap, AgentError> {
+        let client = download::client(self.config.download_connect_timeout)?;
+        let body = download::small(client, url, self.retry(), deadline, BMAP_LIMIT).await?;
+        let text = String::from_utf8(body)
+            .map_err(|_| deploy::bmap::BmapError("not UTF-8 text".into()))?;
+        Ok(deploy::Bmap::parse(&text)?)
+    }
+
+    fn retry(&self) -> download::Retry {
+        download::Retry {
+            retries: self.config.download_retries,
+            backoff: self.config.download_backoff,
+            idle: self.config.stream_idle_timeout,
+        }
+    }
+
     /// Installs the test agent and `plan` on `partition`.
     ///
     /// # Errors
@@ -509,9 +567,13 @@ mod tests {
     use crate::config::PlatformConfig;
     use crate::platform::sim::{SimConfig, SimPartition, SimPlatform};
 
+    /// Size of the `disk` file partition.
+    const DISK: usize = 4_000_000;
+
     fn agent(dir: &std::path::Path, hook: Option<String>) -> Agent {
         std::fs::create_dir_all(dir.join("root")).expect("mkdir");
         std::fs::write(dir.join("bootsel"), [0u8; 512]).expect("w");
+        std::fs::write(dir.join("disk"), vec![0xeeu8; DISK]).expect("w");
         let sim = SimConfig {
             partitions: [
                 (
@@ -522,12 +584,14 @@ mod tests {
                     "testrootfs".to_string(),
                     SimPartition::Dir(dir.join("root")),
                 ),
+                ("disk".to_string(), SimPartition::File(dir.join("disk"))),
             ]
             .into(),
             mountinfo: None,
         };
         let text =
-            "test_agent_bundle: none\nallowed_partitions: [testrootfs]\nplatform: {linux: {}}\n";
+            "test_agent_bundle: none\nallowed_partitions: [testrootfs, disk]\nplatform: {linux: {}}\n\
+             download_backoff: 10ms\nstream_idle_timeout: 2s\n";
         let mut config = Config::parse(text, dir).expect("config");
         config.platform = PlatformConfig::Sim(sim.clone());
         config.boot_once_command = hook;
@@ -589,5 +653,174 @@ mod tests {
             .expect_err("fails");
         assert!(e.to_string().contains("no env"), "{e}");
         assert_eq!(a.phase(), Phase::Installed("testrootfs".into()));
+    }
+
+    /// How the loopback image server misbehaves.
+    #[derive(Clone, Copy, Default)]
+    struct Serve {
+        /// The first response stops after this many body bytes.
+        cut_first: Option<usize>,
+        /// Every response stops after this many body bytes.
+        cut_every: Option<usize>,
+        /// Range requests are ignored (200 with the whole file).
+        no_ranges: bool,
+    }
+
+    /// Serves `body` over HTTP/1.1 on loopback; returns the URL and a count
+    /// of requests (the Range header each carried).
+    async fn server(
+        body: Vec<u8>,
+        how: Serve,
+    ) -> (String, Arc<std::sync::Mutex<Vec<Option<String>>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/image.bin", listener.local_addr().expect("addr"));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let body = Arc::new(body);
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (body, log) = (body.clone(), log.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if sock.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let range = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("range: bytes="))
+                        .map(|r| r.trim_end_matches('-').to_string());
+                    let first = {
+                        let mut l = log.lock().expect("log");
+                        l.push(range.clone());
+                        l.len() == 1
+                    };
+                    let from = match (&range, how.no_ranges) {
+                        (Some(r), false) => r.parse::<usize>().unwrap_or(0),
+                        _ => 0,
+                    };
+                    let status = if from > 0 {
+                        format!(
+                            "206 Partial Content\r\ncontent-range: bytes {from}-{}/{}",
+                            body.len() - 1,
+                            body.len()
+                        )
+                    } else {
+                        "200 OK".to_string()
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\netag: \"v1\"\r\naccept-ranges: bytes\r\nconnection: close\r\n\r\n",
+                        body.len() - from
+                    );
+                    let cut = how.cut_every.or(how.cut_first.filter(|_| first));
+                    let end = cut.map_or(body.len(), |c| (from + c).min(body.len()));
+                    let _ = sock.write_all(reply.as_bytes()).await;
+                    let _ = sock.write_all(&body[from..end]).await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn sha(data: &[u8]) -> String {
+        use sha2::Digest;
+        ferry_proto::hex(&sha2::Sha256::digest(data))
+    }
+
+    fn url_spec(sha256: String) -> ImageSpec {
+        ImageSpec {
+            partition: "disk".into(),
+            sha256,
+            compression: deploy::Compression::Detect,
+            source_size: 0,
+            bmap: None,
+        }
+    }
+
+    fn deadline() -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_secs(30)
+    }
+
+    fn image() -> Vec<u8> {
+        (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_url_image_cut_mid_way_is_resumed_by_range() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = agent(dir.path(), None);
+        let img = image();
+        let (url, seen) = server(img.clone(), Serve { cut_first: Some(1_234_567), ..Serve::default() }).await;
+        let w = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect("deploy");
+        assert_eq!(w.received, img.len() as u64);
+        let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
+        assert!(on_disk[..img.len()] == img[..]);
+        assert_eq!(*seen.lock().expect("seen"), [None, Some("1234567".to_string())], "one resume from the cut");
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_byte_from_a_url_is_caught_and_the_partition_invalidated() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = agent(dir.path(), None);
+        let img = image();
+        let mut bad = img.clone();
+        bad[2_000_000] ^= 1;
+        let (url, _) = server(bad, Serve::default()).await;
+        let e = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect_err("bad");
+        assert!(matches!(e, AgentError::Deploy(DeployError::Checksum { .. })), "{e}");
+        let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
+        assert!(on_disk[..1 << 20].iter().all(|b| *b == 0), "invalidated");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_keeps_breaking_or_cannot_resume_fails_cleanly() {
+        let img = image();
+        for how in [
+            Serve { cut_every: Some(300_000), ..Serve::default() },
+            Serve { cut_first: Some(700_000), no_ranges: true, ..Serve::default() },
+        ] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let a = agent(dir.path(), None);
+            let (url, seen) = server(img.clone(), how).await;
+            let e = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect_err("truncated");
+            assert!(matches!(e, AgentError::Deploy(DeployError::Source { .. })), "{e}");
+            let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
+            assert!(on_disk[..1 << 20].iter().all(|b| *b == 0), "invalidated");
+            let tries = seen.lock().expect("seen").len();
+            // Every 300 kB cut makes progress, so five resumes are made; a
+            // server that ignores Range is given up on at once.
+            assert_eq!(tries, if how.no_ranges { 2 } else { 6 }, "{tries} requests");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_url_image_larger_than_its_partition_is_refused_before_writing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = agent(dir.path(), None);
+        let img = vec![1u8; DISK + 1];
+        let (url, _) = server(img.clone(), Serve::default()).await;
+        let e = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect_err("big");
+        assert!(matches!(e, AgentError::Deploy(DeployError::TooLarge { known: true, .. })), "{e}");
+        let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
+        assert!(on_disk.iter().all(|b| *b == 0xee), "nothing written");
+    }
+
+    #[tokio::test]
+    async fn a_missing_url_is_the_jobs_error_and_a_bad_scheme_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = agent(dir.path(), None);
+        let (url, _) = server(Vec::new(), Serve::default()).await;
+        // The server answers everything; a refused port stands for a dead host.
+        let e = a.deploy_url(url_spec(sha(b"")), "ftp://example/x", deadline()).await.expect_err("scheme");
+        assert!(matches!(e, AgentError::Download(crate::download::DownloadError::BadUrl { .. })), "{e}");
+        let dead = url.replace(&url[7..url.rfind('/').unwrap_or(7)], "127.0.0.1:1");
+        let e = a.deploy_url(url_spec(sha(b"")), &dead, deadline()).await.expect_err("dead");
+        assert!(matches!(e, AgentError::Download(crate::download::DownloadError::Failed { .. })), "{e}");
     }
 }

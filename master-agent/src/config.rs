@@ -92,6 +92,16 @@ pub struct Config {
     /// The longest timeout an `Exec` call may ask for.
     #[serde(default = "default_exec_max", with = "humantime_serde")]
     pub exec_max_timeout: Duration,
+    /// How often a dropped image download is resumed (by `Range`) before
+    /// the deploy fails; all within the job's deploy timeout.
+    #[serde(default = "default_download_retries")]
+    pub download_retries: u32,
+    /// Pause before the first resume; doubled on each, at most 8x.
+    #[serde(default = "default_download_backoff", with = "humantime_serde")]
+    pub download_backoff: Duration,
+    /// How long connecting to an image server may take.
+    #[serde(default = "default_download_connect", with = "humantime_serde")]
+    pub download_connect_timeout: Duration,
     /// Delay between replying to Reboot and rebooting, so the reply gets out.
     #[serde(default = "default_reboot_delay", with = "humantime_serde")]
     pub reboot_delay: Duration,
@@ -135,6 +145,15 @@ fn default_exec_max() -> Duration {
 }
 fn default_keepalive() -> Duration {
     Duration::from_secs(20)
+}
+fn default_download_retries() -> u32 {
+    5
+}
+fn default_download_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_download_connect() -> Duration {
+    Duration::from_secs(15)
 }
 fn default_reboot_delay() -> Duration {
     Duration::from_millis(300)

@@ -8,7 +8,7 @@
 //!
 //! Module map: [`agent`] is the transport-free core and lifecycle,
 //! [`service`] the gRPC shim, [`platform`] the hardware seam (real Linux or
-//! the simulated board), [`deploy`], [`install`] and [`results`] the
+//! the simulated board), [`deploy`] (with [`download`] for URL images), [`install`] and [`results`] the
 //! operations, [`console`] and [`auth`] the serial-line trust.
 
 pub mod agent;
@@ -18,6 +18,7 @@ pub mod connections;
 pub mod console;
 pub mod deploy;
 pub mod exec;
+pub mod download;
 pub mod install;
 pub mod platform;
 pub mod results;

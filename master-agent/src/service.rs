@@ -13,7 +13,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::{Agent, AgentError};
-use crate::deploy::{Compression, DeployError, ImageSpec, SOURCE_BROKE};
+use crate::deploy::{Bmap, Compression, DeployError, ImageSpec, Written, SOURCE_BROKE};
+use crate::download::DownloadError;
 use crate::exec::{ExecError, ExecSpec, Exit, Output};
 use crate::install::InstallError;
 use crate::platform::PlatformError;
@@ -37,10 +38,27 @@ impl From<AgentError> for Status {
             },
             AgentError::Deploy(d) => match d {
                 DeployError::TooLarge { .. } => Status::out_of_range(msg),
-                DeployError::Checksum { .. } => Status::data_loss(msg),
-                DeployError::Corrupt { .. } => Status::invalid_argument(msg),
+                DeployError::Checksum { .. } | DeployError::RangeChecksum { .. } => {
+                    Status::data_loss(msg)
+                }
+                DeployError::Corrupt { .. } | DeployError::Bmap { .. } => {
+                    Status::invalid_argument(msg)
+                }
                 DeployError::Source { .. } => Status::aborted(msg),
                 DeployError::Write { .. } => Status::internal(msg),
+            },
+            AgentError::BadBmap(_) => Status::invalid_argument(msg),
+            AgentError::Download(d) => match d {
+                // The job named a URL that is not one, or the server refuses it.
+                DownloadError::BadUrl { .. } | DownloadError::TooBig { .. } => {
+                    Status::invalid_argument(msg)
+                }
+                DownloadError::Status { status, .. } if status.is_client_error() => {
+                    Status::not_found(msg)
+                }
+                DownloadError::Status { .. } | DownloadError::Failed { .. } => {
+                    Status::unavailable(msg)
+                }
             },
             AgentError::Install(i) => match i {
                 // The test rootfs is what the job deployed: its fault is the job's.
@@ -90,11 +108,23 @@ fn compression(c: i32) -> Compression {
     match pb::Compression::try_from(c) {
         Ok(pb::Compression::None) => Compression::None,
         Ok(pb::Compression::Gzip) => Compression::Gzip,
+        Ok(pb::Compression::Xz) => Compression::Xz,
+        Ok(pb::Compression::Zstd) => Compression::Zstd,
         _ => Compression::Detect,
     }
 }
 
 type ExecStream = Pin<Box<dyn Stream<Item = Result<pb::ExecReply, Status>> + Send>>;
+fn reply(w: Written) -> pb::DeployReply {
+    pb::DeployReply {
+        bytes_received: w.received,
+        bytes_written: w.written,
+        sha256: w.sha256,
+        image_bytes: w.image,
+        compression: w.compression.name().into(),
+    }
+}
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ResultsChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -144,13 +174,31 @@ impl MasterAgent for Service {
                 h.sha256
             )));
         }
+        // The whole deploy (download included) ends by the job's deadline.
+        let deadline = tokio::time::Instant::now()
+            + match h.timeout_ms {
+                0 => Duration::from_secs(24 * 3600),
+                ms => Duration::from_millis(ms),
+            };
+        let bmap = if !h.bmap.is_empty() {
+            Some(Bmap::parse(&h.bmap).map_err(AgentError::from)?)
+        } else if !h.bmap_url.is_empty() {
+            Some(self.agent.fetch_bmap(&h.bmap_url, deadline).await?)
+        } else {
+            None
+        };
         let spec = ImageSpec {
             partition: h.partition,
             sha256: h.sha256.to_ascii_lowercase(),
             compression: compression(h.compression),
             source_size: h.source_size,
+            bmap,
         };
-        tracing::info!(partition = %spec.partition, source = %h.source_name, "deploy");
+        tracing::info!(partition = %spec.partition, source = %h.source_name, url = %h.url, "deploy");
+        if !h.url.is_empty() {
+            let written = self.agent.deploy_url(spec, &h.url, deadline).await?;
+            return Ok(Response::new(reply(written)));
+        }
         let (tx, rx) = mpsc::channel(8);
         let agent = self.agent.clone();
         let writer = tokio::spawn(async move { agent.deploy(spec, rx).await });
@@ -194,11 +242,7 @@ impl MasterAgent for Service {
         let written = writer
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(pb::DeployReply {
-            bytes_received: written.received,
-            bytes_written: written.written,
-            sha256: written.sha256,
-        }))
+        Ok(Response::new(reply(written)))
     }
 
     async fn install_test_agent(

@@ -178,6 +178,7 @@ fn deploy_req(
         compression: pb::Compression::None as i32,
         source_size: data.len() as u64,
         source_name: "test".into(),
+        ..Default::default()
     };
     let msgs = vec![
         pb::DeployRequest {
@@ -733,6 +734,7 @@ async fn call_every_rpc(
             compression: pb::Compression::None as i32,
             source_size: 4,
             source_name: "x".into(),
+            ..Default::default()
         })),
     };
     let data = pb::DeployRequest {

@@ -186,6 +186,20 @@ fn smoke_job_on_the_virtual_board() {
         "the test boot did not end cleanly:\n{}",
         run.dump()
     );
+    // The disk held the factory variant of the test image; the test boot
+    // ran the deployed one, so the deploy really wrote the partition.
+    let build = std::fs::read_to_string(workspace().join("images/out/test-rootfs.build-id"))
+        .expect("images/build writes the build id");
+    let deployed = format!("ferry-test: test image up: deployed {}", build.trim());
+    assert!(
+        console.contains(&deployed) && events.contains(&deployed),
+        "the deployed image did not boot ({deployed:?}):\n{}",
+        run.dump()
+    );
+    assert!(
+        !console.contains("test image up: factory"),
+        "the factory image booted"
+    );
     // The test boot's kernel log is recorded too, from /dev/kmsg.
     assert!(
         events

@@ -37,6 +37,36 @@ pub struct WriteTarget {
     pub path: PathBuf,
 }
 
+impl WriteTarget {
+    /// Makes `len` bytes at `offset` read back as zeros without writing
+    /// them: a hole punched in a file (the simulated board), an unmapping
+    /// zero-out on a block device (the kernel's `BLKZEROOUT` with unmap,
+    /// reached through `fallocate`). `Ok(false)` when the target cannot do
+    /// it cheaply (the kernel never falls back to writing zeros here), so
+    /// the caller writes the zeros itself.
+    ///
+    /// # Errors
+    /// Any other failure of the call.
+    pub fn punch(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(false);
+        };
+        match fallocate(
+            &self.file,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        ) {
+            Ok(()) => Ok(true),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
 /// Errors from the platform.
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {

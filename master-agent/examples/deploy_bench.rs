@@ -1,0 +1,152 @@
+//! Deploy benchmark: Ferry's deploy pipeline against the shell pipelines
+//! labs use, on the same inputs and the same file-backed partition.
+//!
+//! `cargo run --release -p ferry-master-agent --example deploy_bench [-- DIR]`
+//! (DIR: where the inputs and the partition file go; default a temporary
+//! folder). `FERRY_BENCH_MIB` sets the image size (default 1024),
+//! `FERRY_BENCH_RUNS` the repetitions (default 3; medians are printed).
+//! Needs gzip, xz, zstd, dd and, for the sparse peer, bmaptool.
+//!
+//! Ferry runs in this process through the simulated board's platform code
+//! (a file partition opened by `SimPlatform`), without the gRPC hop; its
+//! peak memory is this process's high-water mark (`VmHWM`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use ferry_master_agent::deploy::{self, Bmap, Compression, ImageSpec};
+use ferry_master_agent::platform::sim::{SimConfig, SimPartition, SimPlatform};
+use ferry_master_agent::platform::Platform;
+use sha2::{Digest, Sha256};
+
+fn sh(cmd: &str) -> f64 {
+    let t = Instant::now();
+    let st = Command::new("bash").arg("-c").arg(cmd).status().expect("bash");
+    assert!(st.success(), "{cmd} failed");
+    t.elapsed().as_secs_f64()
+}
+
+fn sha_file(p: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(p).expect("open");
+    std::io::copy(&mut f, &mut h).expect("read");
+    ferry_proto::hex(&h.finalize())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A fresh partition file of `size` bytes (so every run writes the same).
+fn fresh_partition(path: &Path, size: u64) {
+    let _ = std::fs::remove_file(path);
+    let f = std::fs::File::create(path).expect("create");
+    f.set_len(size).expect("size");
+}
+
+fn ferry(platform: &SimPlatform, input: &Path, bmap: Option<&Bmap>) -> f64 {
+    let sha = sha_file(input);
+    let t = Instant::now();
+    let target = platform.open_for_write("part").expect("open");
+    let spec = ImageSpec {
+        partition: "part".into(),
+        sha256: sha,
+        compression: Compression::Detect,
+        source_size: std::fs::metadata(input).expect("meta").len(),
+        bmap: bmap.cloned(),
+    };
+    let file = std::fs::File::open(input).expect("open");
+    deploy::write_image(file, target, &spec).expect("deploy");
+    t.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let mib = env("FERRY_BENCH_MIB", 1024);
+    let runs = env("FERRY_BENCH_RUNS", 3) as usize;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = std::env::args().nth(1).map_or_else(|| tmp.path().to_path_buf(), PathBuf::from);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = |n: &str| dir.join(n).display().to_string();
+    let part = dir.join("partition");
+    let size = mib << 20;
+
+    // Inputs: a dense image of base64 text (compresses about 4:3, like a
+    // rootfs of binaries), and a sparse one: the same with 3 of every 4
+    // MiB zero (holes).
+    eprintln!("deploy_bench: making {mib} MiB inputs in {}", dir.display());
+    sh(&format!(
+        "set -e; head -c 48M /dev/urandom | base64 -w0 > {seed}; \
+         for i in $(seq 1 {reps}); do cat {seed}; done | head -c {size} > {dense}; \
+         cp {dense} {sparse}; \
+         for i in $(seq 0 {last}); do [ $((i % 4)) -eq 0 ] || fallocate -p -o $((i * 1048576)) -l 1048576 {sparse}; done; \
+         gzip -6 -c {dense} > {dense}.gz; xz -6 -c {dense} > {dense}.xz; zstd -q -3 -c {dense} > {dense}.zst",
+        seed = d("seed"),
+        reps = mib / 64 + 1,
+        dense = d("dense.img"),
+        sparse = d("sparse.img"),
+        last = mib - 1,
+    ));
+    let bmap = if Command::new("bmaptool").arg("--version").output().is_ok() {
+        sh(&format!("bmaptool -q create -o {} {}", d("sparse.bmap"), d("sparse.img")));
+        Some(Bmap::parse(&std::fs::read_to_string(d("sparse.bmap")).expect("bmap")).expect("parse"))
+    } else {
+        eprintln!("deploy_bench: no bmaptool (apt-get install bmap-tools): sparse with bmap skipped");
+        None
+    };
+
+    let sim = SimConfig {
+        partitions: [("part".to_string(), SimPartition::File(part.clone()))].into(),
+        mountinfo: None,
+    };
+    let platform = SimPlatform::new(sim, "bootsel".into());
+    let p = part.display();
+    let dd = |input: &str| format!("dd of={p} bs=1M conv=notrunc,fsync status=none iflag=fullblock {input}");
+    let (dense, sparse) = (d("dense.img"), d("sparse.img"));
+    let mut cases: Vec<(&str, String, Option<&Bmap>, String)> = vec![
+        ("raw vs dd", dense.clone(), None, dd(&format!("if={dense}"))),
+        ("raw vs tee sha256|dd", dense.clone(), None, format!("tee < {dense} >(sha256sum > /dev/null) | {}", dd(""))),
+        ("gzip", format!("{dense}.gz"), None, format!("gzip -dc {dense}.gz | {}", dd(""))),
+        ("xz", format!("{dense}.xz"), None, format!("xz -dc {dense}.xz | {}", dd(""))),
+        ("zstd", format!("{dense}.zst"), None, format!("zstd -qdc {dense}.zst | {}", dd(""))),
+        ("75% holes, no bmap", sparse.clone(), None, dd(&format!("if={sparse}"))),
+    ];
+    if let Some(b) = bmap.as_ref() {
+        cases.push((
+            "75% holes, bmap",
+            sparse.clone(),
+            Some(b),
+            format!("bmaptool -q copy --bmap {} {sparse} {p}", d("sparse.bmap")),
+        ));
+    }
+    println!("deploy_bench: {mib} MiB images, {runs} runs, medians in seconds; partition {p}");
+    println!("{:<22} {:>8} {:>8} {:>11}  peer", "case", "ferry", "peer", "ferry/peer");
+    for (name, input, bmap, peer) in &cases {
+        let (mut f, mut q) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            fresh_partition(&part, size + (64 << 20));
+            sh("sync");
+            f.push(ferry(&platform, Path::new(input), *bmap));
+            fresh_partition(&part, size + (64 << 20));
+            sh("sync");
+            q.push(sh(peer));
+        }
+        let (fm, qm) = (median(f), median(q));
+        println!("{name:<22} {fm:>8.2} {qm:>8.2} {:>11.2}  {peer}", fm / qm);
+    }
+    println!("ferry peak RSS (whole benchmark process): {} MiB", vm_hwm_kib() / 1024);
+    let _ = std::fs::remove_file(&part);
+}
