@@ -713,6 +713,19 @@ mod tests {
     }
 
     #[test]
+    fn a_url_image_is_left_to_the_board_and_a_local_bmap_is_resolved() {
+        let f = Files::new();
+        f.write("img.bmap", "<bmap/>");
+        let job = f
+            .load("job: j\ndeploy:\n  - {image: 'https://artifacts.example/img.wic.zst', bmap: img.bmap, to: fw, compression: zstd, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}\n")
+            .expect("job");
+        let d = &job.deploy[0];
+        assert_eq!(d.url(), Some("https://artifacts.example/img.wic.zst"));
+        assert_eq!(d.compression, Some(Compression::Zstd));
+        assert_eq!(d.bmap.as_deref().map(Path::new), Some(f.0.path().join("img.bmap").as_path()));
+    }
+
+    #[test]
     fn job_errors_say_where() {
         let f = Files::new();
         f.write("defs/smoke.yaml", DEF);
@@ -727,6 +740,9 @@ mod tests {
             ("job: j\ntimeouts: {test: forever}\n", "job.yaml:2:"),
             ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test Test Definition 1.0, name: y}\n        run: {steps: []}\n        parse: {pattern: '(?P<test_case_id>\\w+)(?=:)(?P<result>\\w+)'}\n", "Python lookaround and backreferences are not supported"),
             ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test Test Definition 1.0, name: y}\n        run: {steps: []}\n        parse: {pattern: '(?P<test_case_id>\\w+) (?P<res>\\w+)'}\n", "has no named group (?P<result>...)"),
+            ("job: j\ndeploy:\n  - {image: img, to: fw, bmap: nope.bmap, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}\n", "deploy[0].bmap"),
+            ("job: j\ndeploy:\n  - {image: 'https:// x', to: fw, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}\n", "is not a valid URL"),
+            ("job: j\ndeploy:\n  - {image: img, to: fw, compression: lz4, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08}\n", "unknown variant `lz4`"),
             ("job: j\ntest:\n  definitions:\n    - inline:\n        metadata: {format: Lava-Test-Shell Test Definition 1.0, name: y}\n        run: {steps: []}\n", "expected \"Lava-Test Test Definition 1.0\""),
         ];
         for (job, expected) in cases {
