@@ -436,10 +436,6 @@ fn verdict(
     target: &WriteTarget,
 ) -> Result<Written, DeployError> {
     let partition = spec.partition.as_str();
-    // Refused before writing (the reader may have finished the small file meanwhile).
-    if let Err(e @ DeployError::TooLarge { known: true, .. }) = placed {
-        return Err(e);
-    }
     {
         let (received, sha256) = match read {
             Err(Ok(DeployError::Source { received, source, .. })) => {
@@ -454,6 +450,10 @@ fn verdict(
             Err(Err(Stopped)) => None,
         }
         .unzip();
+        // Refused before writing (the reader may have finished a small file meanwhile).
+        if let Err(e @ DeployError::TooLarge { known: true, .. }) = placed {
+            return Err(e);
+        }
         if let Some(actual) = sha256.as_ref().filter(|a| !a.eq_ignore_ascii_case(&spec.sha256)) {
             return Err(DeployError::Checksum {
                 partition: partition.into(),
