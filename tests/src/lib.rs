@@ -72,6 +72,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `(suite, name, result)` of every row of a `results.json`; `None` when it
+/// is not an array.
+pub fn rows(results: &serde_json::Value) -> Option<Vec<Row>> {
+    let rows = results.as_array()?.iter().map(|r| {
+        (
+            r["suite"].as_str().unwrap_or("").into(),
+            r["name"].as_str().unwrap_or("").into(),
+            r["result"].as_str().unwrap_or("").into(),
+        )
+    });
+    Some(rows.collect())
+}
+
 /// What a dispatcher run left behind.
 pub struct Run {
     /// The process output (stdout is the summary).
@@ -135,18 +148,8 @@ impl Run {
     }
     /// `(suite, name, result)` of every result.
     pub fn results(&self) -> Vec<Row> {
-        let v = self.json("results.json");
-        v.as_array()
+        rows(&self.json("results.json"))
             .unwrap_or_else(|| panic!("results.json is not an array\n{}", self.dump()))
-            .iter()
-            .map(|r| {
-                (
-                    r["suite"].as_str().unwrap_or("").into(),
-                    r["name"].as_str().unwrap_or("").into(),
-                    r["result"].as_str().unwrap_or("").into(),
-                )
-            })
-            .collect()
     }
     /// Roles of the boots announced, in order ("master", "test"...).
     pub fn boot_roles(&self) -> Vec<String> {

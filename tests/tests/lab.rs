@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_tests::{bin, processes_mentioning, r, Row};
+use ferry_tests::{bin, processes_mentioning, r, rows, Row};
 
 /// A lab folder and a run dir of its own.
 struct Lab {
@@ -159,18 +159,7 @@ fn class_of(out: &Path) -> String {
 
 fn results(out: &Path) -> Vec<Row> {
     let text = std::fs::read_to_string(out.join("results.json")).expect("results.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|r| {
-            (
-                r["suite"].as_str().unwrap_or("").into(),
-                r["name"].as_str().unwrap_or("").into(),
-                r["result"].as_str().unwrap_or("").into(),
-            )
-        })
-        .collect()
+    rows(&serde_json::from_str(&text).expect("json")).expect("an array")
 }
 
 const QUICK: &str = r#"job: quick
