@@ -722,7 +722,10 @@ mod tests {
         let d = &job.deploy[0];
         assert_eq!(d.url(), Some("https://artifacts.example/img.wic.zst"));
         assert_eq!(d.compression, Some(Compression::Zstd));
-        assert_eq!(d.bmap.as_deref().map(Path::new), Some(f.0.path().join("img.bmap").as_path()));
+        assert_eq!(
+            d.bmap.as_deref().map(Path::new),
+            Some(f.0.path().join("img.bmap").as_path())
+        );
     }
 
     #[test]

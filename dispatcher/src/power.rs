@@ -107,7 +107,10 @@ pub async fn off(device: &Device, events: &EventLog) -> Result<(), Failure> {
 /// An infrastructure error from the commands.
 pub async fn start(device: &Device, events: &EventLog) -> Result<SystemTime, Failure> {
     if let Err(f) = off(device, events).await {
-        events.say("dispatcher", format!("warning: {}; powering on anyway", f.message));
+        events.say(
+            "dispatcher",
+            format!("warning: {}; powering on anyway", f.message),
+        );
     }
     let t = device.timeouts.power;
     let at = SystemTime::now();

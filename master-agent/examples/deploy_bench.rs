@@ -22,7 +22,11 @@ use sha2::{Digest, Sha256};
 
 fn sh(cmd: &str) -> f64 {
     let t = Instant::now();
-    let st = Command::new("bash").arg("-c").arg(cmd).status().expect("bash");
+    let st = Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .expect("bash");
     assert!(st.success(), "{cmd} failed");
     t.elapsed().as_secs_f64()
 }
@@ -74,11 +78,18 @@ fn ferry(platform: &SimPlatform, input: &Path, bmap: Option<&Bmap>) -> f64 {
 }
 
 fn main() {
-    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let mib = env("FERRY_BENCH_MIB", 1024);
     let runs = env("FERRY_BENCH_RUNS", 3) as usize;
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir = std::env::args().nth(1).map_or_else(|| tmp.path().to_path_buf(), PathBuf::from);
+    let dir = std::env::args()
+        .nth(1)
+        .map_or_else(|| tmp.path().to_path_buf(), PathBuf::from);
     std::fs::create_dir_all(&dir).expect("dir");
     let d = |n: &str| dir.join(n).display().to_string();
     let part = dir.join("partition");
@@ -101,10 +112,16 @@ fn main() {
         last = mib - 1,
     ));
     let bmap = if Command::new("bmaptool").arg("--version").output().is_ok() {
-        sh(&format!("bmaptool -q create -o {} {}", d("sparse.bmap"), d("sparse.img")));
+        sh(&format!(
+            "bmaptool -q create -o {} {}",
+            d("sparse.bmap"),
+            d("sparse.img")
+        ));
         Some(Bmap::parse(&std::fs::read_to_string(d("sparse.bmap")).expect("bmap")).expect("parse"))
     } else {
-        eprintln!("deploy_bench: no bmaptool (apt-get install bmap-tools): sparse with bmap skipped");
+        eprintln!(
+            "deploy_bench: no bmaptool (apt-get install bmap-tools): sparse with bmap skipped"
+        );
         None
     };
 
@@ -114,15 +131,42 @@ fn main() {
     };
     let platform = SimPlatform::new(sim, "bootsel".into());
     let p = part.display();
-    let dd = |input: &str| format!("dd of={p} bs=1M conv=notrunc,fsync status=none iflag=fullblock {input}");
+    let dd = |input: &str| {
+        format!("dd of={p} bs=1M conv=notrunc,fsync status=none iflag=fullblock {input}")
+    };
     let (dense, sparse) = (d("dense.img"), d("sparse.img"));
     let mut cases: Vec<(&str, String, Option<&Bmap>, String)> = vec![
         ("raw vs dd", dense.clone(), None, dd(&format!("if={dense}"))),
-        ("raw vs tee sha256|dd", dense.clone(), None, format!("tee < {dense} >(sha256sum > /dev/null) | {}", dd(""))),
-        ("gzip", format!("{dense}.gz"), None, format!("gzip -dc {dense}.gz | {}", dd(""))),
-        ("xz", format!("{dense}.xz"), None, format!("xz -dc {dense}.xz | {}", dd(""))),
-        ("zstd", format!("{dense}.zst"), None, format!("zstd -qdc {dense}.zst | {}", dd(""))),
-        ("75% holes, no bmap", sparse.clone(), None, dd(&format!("if={sparse}"))),
+        (
+            "raw vs tee sha256|dd",
+            dense.clone(),
+            None,
+            format!("tee < {dense} >(sha256sum > /dev/null) | {}", dd("")),
+        ),
+        (
+            "gzip",
+            format!("{dense}.gz"),
+            None,
+            format!("gzip -dc {dense}.gz | {}", dd("")),
+        ),
+        (
+            "xz",
+            format!("{dense}.xz"),
+            None,
+            format!("xz -dc {dense}.xz | {}", dd("")),
+        ),
+        (
+            "zstd",
+            format!("{dense}.zst"),
+            None,
+            format!("zstd -qdc {dense}.zst | {}", dd("")),
+        ),
+        (
+            "75% holes, no bmap",
+            sparse.clone(),
+            None,
+            dd(&format!("if={sparse}")),
+        ),
     ];
     if let Some(b) = bmap.as_ref() {
         cases.push((
@@ -133,7 +177,10 @@ fn main() {
         ));
     }
     println!("deploy_bench: {mib} MiB images, {runs} runs, medians in seconds; partition {p}");
-    println!("{:<22} {:>8} {:>8} {:>11}  peer", "case", "ferry", "peer", "ferry/peer");
+    println!(
+        "{:<22} {:>8} {:>8} {:>11}  peer",
+        "case", "ferry", "peer", "ferry/peer"
+    );
     for (name, input, bmap, peer) in &cases {
         let (mut f, mut q) = (Vec::new(), Vec::new());
         for _ in 0..runs {
@@ -147,6 +194,9 @@ fn main() {
         let (fm, qm) = (median(f), median(q));
         println!("{name:<22} {fm:>8.2} {qm:>8.2} {:>11.2}  {peer}", fm / qm);
     }
-    println!("ferry peak RSS (whole benchmark process): {} MiB", vm_hwm_kib() / 1024);
+    println!(
+        "ferry peak RSS (whole benchmark process): {} MiB",
+        vm_hwm_kib() / 1024
+    );
     let _ = std::fs::remove_file(&part);
 }

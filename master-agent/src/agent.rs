@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::console::{say, ConsoleWriter};
 use crate::deploy::{self, DeployError, ImageSpec, Written, SOURCE_BROKE};
-use crate::exec::{self, ExecError, ExecSpec, Exit, Output};
 use crate::download;
+use crate::exec::{self, ExecError, ExecSpec, Exit, Output};
 
 /// The largest bmap fetched (a bmap of a 64 GiB image is well under 1 MiB).
 const BMAP_LIMIT: u64 = 16 << 20;
@@ -673,7 +673,9 @@ mod tests {
         how: Serve,
     ) -> (String, Arc<std::sync::Mutex<Vec<Option<String>>>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}/image.bin", listener.local_addr().expect("addr"));
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
@@ -756,12 +758,26 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let a = agent(dir.path(), None);
         let img = image();
-        let (url, seen) = server(img.clone(), Serve { cut_first: Some(1_234_567), ..Serve::default() }).await;
-        let w = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect("deploy");
+        let (url, seen) = server(
+            img.clone(),
+            Serve {
+                cut_first: Some(1_234_567),
+                ..Serve::default()
+            },
+        )
+        .await;
+        let w = a
+            .deploy_url(url_spec(sha(&img)), &url, deadline())
+            .await
+            .expect("deploy");
         assert_eq!(w.received, img.len() as u64);
         let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
         assert!(on_disk[..img.len()] == img[..]);
-        assert_eq!(*seen.lock().expect("seen"), [None, Some("1234567".to_string())], "one resume from the cut");
+        assert_eq!(
+            *seen.lock().expect("seen"),
+            [None, Some("1234567".to_string())],
+            "one resume from the cut"
+        );
     }
 
     #[tokio::test]
@@ -772,8 +788,14 @@ mod tests {
         let mut bad = img.clone();
         bad[2_000_000] ^= 1;
         let (url, _) = server(bad, Serve::default()).await;
-        let e = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect_err("bad");
-        assert!(matches!(e, AgentError::Deploy(DeployError::Checksum { .. })), "{e}");
+        let e = a
+            .deploy_url(url_spec(sha(&img)), &url, deadline())
+            .await
+            .expect_err("bad");
+        assert!(
+            matches!(e, AgentError::Deploy(DeployError::Checksum { .. })),
+            "{e}"
+        );
         let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
         assert!(on_disk[..1 << 20].iter().all(|b| *b == 0), "invalidated");
     }
@@ -782,14 +804,27 @@ mod tests {
     async fn a_stream_that_keeps_breaking_or_cannot_resume_fails_cleanly() {
         let img = image();
         for how in [
-            Serve { cut_every: Some(300_000), ..Serve::default() },
-            Serve { cut_first: Some(700_000), no_ranges: true, ..Serve::default() },
+            Serve {
+                cut_every: Some(300_000),
+                ..Serve::default()
+            },
+            Serve {
+                cut_first: Some(700_000),
+                no_ranges: true,
+                ..Serve::default()
+            },
         ] {
             let dir = tempfile::tempdir().expect("tmp");
             let a = agent(dir.path(), None);
             let (url, seen) = server(img.clone(), how).await;
-            let e = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect_err("truncated");
-            assert!(matches!(e, AgentError::Deploy(DeployError::Source { .. })), "{e}");
+            let e = a
+                .deploy_url(url_spec(sha(&img)), &url, deadline())
+                .await
+                .expect_err("truncated");
+            assert!(
+                matches!(e, AgentError::Deploy(DeployError::Source { .. })),
+                "{e}"
+            );
             let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
             assert!(on_disk[..1 << 20].iter().all(|b| *b == 0), "invalidated");
             let tries = seen.lock().expect("seen").len();
@@ -805,8 +840,17 @@ mod tests {
         let a = agent(dir.path(), None);
         let img = vec![1u8; DISK + 1];
         let (url, _) = server(img.clone(), Serve::default()).await;
-        let e = a.deploy_url(url_spec(sha(&img)), &url, deadline()).await.expect_err("big");
-        assert!(matches!(e, AgentError::Deploy(DeployError::TooLarge { known: true, .. })), "{e}");
+        let e = a
+            .deploy_url(url_spec(sha(&img)), &url, deadline())
+            .await
+            .expect_err("big");
+        assert!(
+            matches!(
+                e,
+                AgentError::Deploy(DeployError::TooLarge { known: true, .. })
+            ),
+            "{e}"
+        );
         let on_disk = std::fs::read(dir.path().join("disk")).expect("read");
         assert!(on_disk.iter().all(|b| *b == 0xee), "nothing written");
     }
@@ -817,10 +861,28 @@ mod tests {
         let a = agent(dir.path(), None);
         let (url, _) = server(Vec::new(), Serve::default()).await;
         // The server answers everything; a refused port stands for a dead host.
-        let e = a.deploy_url(url_spec(sha(b"")), "ftp://example/x", deadline()).await.expect_err("scheme");
-        assert!(matches!(e, AgentError::Download(crate::download::DownloadError::BadUrl { .. })), "{e}");
+        let e = a
+            .deploy_url(url_spec(sha(b"")), "ftp://example/x", deadline())
+            .await
+            .expect_err("scheme");
+        assert!(
+            matches!(
+                e,
+                AgentError::Download(crate::download::DownloadError::BadUrl { .. })
+            ),
+            "{e}"
+        );
         let dead = url.replace(&url[7..url.rfind('/').unwrap_or(7)], "127.0.0.1:1");
-        let e = a.deploy_url(url_spec(sha(b"")), &dead, deadline()).await.expect_err("dead");
-        assert!(matches!(e, AgentError::Download(crate::download::DownloadError::Failed { .. })), "{e}");
+        let e = a
+            .deploy_url(url_spec(sha(b"")), &dead, deadline())
+            .await
+            .expect_err("dead");
+        assert!(
+            matches!(
+                e,
+                AgentError::Download(crate::download::DownloadError::Failed { .. })
+            ),
+            "{e}"
+        );
     }
 }

@@ -176,7 +176,8 @@ impl Download {
                 Err(why) => why,
             };
             attempt += 1;
-            if attempt > retry.retries || Instant::now() + backoff(&retry, attempt - 1) >= deadline {
+            if attempt > retry.retries || Instant::now() + backoff(&retry, attempt - 1) >= deadline
+            {
                 return Err(DownloadError::Failed {
                     url: url.to_string(),
                     why,
@@ -233,10 +234,7 @@ impl Download {
                 attempt += 1;
                 let pause = backoff(&self.retry, attempt - 1);
                 if attempt > self.retry.retries || Instant::now() + pause >= self.deadline {
-                    break Err(format!(
-                        "{why}; gave up after {} attempts",
-                        attempt
-                    ));
+                    break Err(format!("{why}; gave up after {} attempts", attempt));
                 }
                 tracing::warn!(url = %self.url, received, attempt, "download dropped, resuming: {why}");
                 tokio::time::sleep(pause).await;

@@ -88,7 +88,11 @@ fn with_test_init_script(board: &SimBoard, name: &str, body: &str) {
         .arg("prepare")
         .output()
         .expect("prepare");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let script = board.board.join("parts/testrootfs/etc/init.d").join(name);
     std::fs::write(&script, body).expect("script");
 }
@@ -100,8 +104,16 @@ fn a_test_image_that_never_boots_is_a_test_error_after_the_test_timeout() {
     with_test_init_script(&board, "S00hang", "sleep 602\n");
     let run = board.run(&board.job("f.yaml", JOB));
     let msg = run.expect_outcome("test-error");
-    assert!(msg.contains("did not return within the test timeout"), "{msg}");
-    assert_eq!(run.results(), vec![r("lava", "work", "unknown")], "{}", run.dump());
+    assert!(
+        msg.contains("did not return within the test timeout"),
+        "{msg}"
+    );
+    assert_eq!(
+        run.results(),
+        vec![r("lava", "work", "unknown")],
+        "{}",
+        run.dump()
+    );
     assert_eq!(run.boot_roles(), ["master", "master"], "{}", run.dump());
     assert_nothing_left(&board, "sleep 602");
 }
@@ -117,7 +129,15 @@ fn a_board_that_returns_without_its_records_is_a_test_error() {
     );
     let run = board.run(&board.job("f.yaml", JOB));
     let msg = run.expect_outcome("test-error");
-    assert!(msg.contains("never running") || msg.contains("recorded nothing"), "{msg}");
-    assert_eq!(run.results(), vec![r("lava", "work", "unknown")], "{}", run.dump());
+    assert!(
+        msg.contains("never running") || msg.contains("recorded nothing"),
+        "{msg}"
+    );
+    assert_eq!(
+        run.results(),
+        vec![r("lava", "work", "unknown")],
+        "{}",
+        run.dump()
+    );
     assert!(!board.powered());
 }

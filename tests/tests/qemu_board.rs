@@ -337,3 +337,63 @@ fn exec_uname_on_the_virtual_board() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_lab_with_a_virtual_board_runs_a_job_and_goes_down_leaving_nothing() {
+    let Some(_turn) = board_turn() else { return };
+    images();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lab = tmp.path().join("lab");
+    let scenario = tmp.path().join("scenario.yaml");
+    std::fs::write(
+        &scenario,
+        "boards: [{name: vm, kind: qemu, console: tcp}]\n",
+    )
+    .expect("scenario");
+    let dispatcher = || {
+        let mut c = Command::new(ferry_tests::bin("dispatcher"));
+        c.env("FERRY_RUN_DIR", tmp.path().join("run"));
+        c
+    };
+    let up = dispatcher()
+        .args(["lab", "up", "--lab"])
+        .arg(&lab)
+        .arg(&scenario)
+        .output()
+        .expect("up");
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let device = lab.join("devices/vm-1.yaml");
+    let text = std::fs::read_to_string(&device).expect("device file");
+    let netns = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("namespace: "))
+        .expect("a namespace of its own")
+        .to_string();
+    let run = dispatch(
+        &device,
+        &workspace().join("examples/jobs/qemu-lava-smoke.yaml"),
+        &tmp.path().join("out"),
+    );
+    run.expect_outcome("complete");
+    assert_eq!(run.results().len(), 6, "{}", run.dump());
+    let down = dispatcher()
+        .args(["lab", "down", "--lab"])
+        .arg(&lab)
+        .output()
+        .expect("down");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(processes_mentioning(&lab).is_empty(), "processes left");
+    assert!(
+        !std::path::Path::new("/run/netns").join(&netns).exists(),
+        "namespace {netns} left"
+    );
+    assert!(!lab.join("boards").exists() && !lab.join("devices").exists());
+}

@@ -118,7 +118,9 @@ impl Bmap {
                         range_sum.clear();
                         for a in s.attributes().flatten() {
                             if matches!(a.key.as_ref(), b"chksum" | b"sha1") {
-                                range_sum = String::from_utf8_lossy(&a.value).trim().to_ascii_lowercase();
+                                range_sum = String::from_utf8_lossy(&a.value)
+                                    .trim()
+                                    .to_ascii_lowercase();
                             }
                         }
                     }
@@ -170,7 +172,11 @@ impl Bmap {
             .filter(|b| *b > 0)
             .ok_or_else(|| err("no BlockSize".into()))?;
         let (sum, sum_kind) = file_sum.ok_or_else(|| err("no BmapFileChecksum".into()))?;
-        let mut h = RangeHasher::new(if major == "1" { ChecksumKind::Sha1 } else { sum_kind });
+        let mut h = RangeHasher::new(if major == "1" {
+            ChecksumKind::Sha1
+        } else {
+            sum_kind
+        });
         h.update(text.replacen(&sum, &"0".repeat(sum.len()), 1).as_bytes());
         let actual = h.finish();
         if !actual.eq_ignore_ascii_case(&sum) {
@@ -197,12 +203,18 @@ impl Bmap {
                 .ok_or_else(|| err(format!("range {text:?} overflows")))?
                 .min(image_size);
             if ranges.last().is_some_and(|p| p.end > start) {
-                return Err(err(format!("range {text:?} overlaps or precedes the one before")));
+                return Err(err(format!(
+                    "range {text:?} overlaps or precedes the one before"
+                )));
             }
             if checksum.is_empty() {
                 return Err(err(format!("range {text:?} has no checksum")));
             }
-            ranges.push(MappedRange { start, end, checksum });
+            ranges.push(MappedRange {
+                start,
+                end,
+                checksum,
+            });
         }
         Ok(Bmap {
             image_size,
@@ -225,7 +237,10 @@ pub(crate) mod tests {
         for (a, b) in ranges {
             let s = ((a * block) as usize).min(image.len());
             let e = (((b + 1) * block) as usize).min(image.len());
-            body += &format!("        <Range chksum=\"{}\"> {a}-{b} </Range>\n", sum(&image[s..e]));
+            body += &format!(
+                "        <Range chksum=\"{}\"> {a}-{b} </Range>\n",
+                sum(&image[s..e])
+            );
         }
         let text = |file: &str| {
             format!(
@@ -245,7 +260,10 @@ pub(crate) mod tests {
         assert_eq!(b.image_size, 10_000);
         assert_eq!(b.kind, ChecksumKind::Sha256);
         assert_eq!(
-            b.ranges.iter().map(|r| (r.start, r.end)).collect::<Vec<_>>(),
+            b.ranges
+                .iter()
+                .map(|r| (r.start, r.end))
+                .collect::<Vec<_>>(),
             [(0, 4096), (8192, 10_000)]
         );
         assert_eq!(b.mapped_bytes(), 4096 + 1808);
@@ -256,11 +274,20 @@ pub(crate) mod tests {
         let image = vec![7u8; 10_000];
         let good = make(&image, 4096, &[(0, 0), (2, 2)]);
         let damaged = good.replacen("2-2", "1-2", 1);
-        assert!(Bmap::parse(&damaged).expect_err("damaged").0.contains("own checksum"));
+        assert!(Bmap::parse(&damaged)
+            .expect_err("damaged")
+            .0
+            .contains("own checksum"));
         let outside = make(&image, 4096, &[(3, 3)]);
-        assert!(Bmap::parse(&outside).expect_err("outside").0.contains("outside"));
+        assert!(Bmap::parse(&outside)
+            .expect_err("outside")
+            .0
+            .contains("outside"));
         let overlapping = make(&image, 4096, &[(0, 1), (1, 2)]);
-        assert!(Bmap::parse(&overlapping).expect_err("overlap").0.contains("overlaps"));
+        assert!(Bmap::parse(&overlapping)
+            .expect_err("overlap")
+            .0
+            .contains("overlaps"));
         assert!(Bmap::parse("<bmap").is_err());
     }
 }

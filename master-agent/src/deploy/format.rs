@@ -87,9 +87,15 @@ mod tests {
     #[test]
     fn magic_bytes_are_recognised_and_an_explicit_choice_wins() {
         let xz = [0xfd, b'7', b'z', b'X', b'Z', 0x00, 0];
-        assert_eq!(Compression::Detect.resolve(&[0x1f, 0x8b, 8]), Compression::Gzip);
+        assert_eq!(
+            Compression::Detect.resolve(&[0x1f, 0x8b, 8]),
+            Compression::Gzip
+        );
         assert_eq!(Compression::Detect.resolve(&xz), Compression::Xz);
-        assert_eq!(Compression::Detect.resolve(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
+        assert_eq!(
+            Compression::Detect.resolve(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Compression::Zstd
+        );
         assert_eq!(Compression::Detect.resolve(b"hsqs"), Compression::None);
         assert_eq!(Compression::Detect.resolve(&[]), Compression::None);
         assert_eq!(Compression::None.resolve(&[0x1f, 0x8b]), Compression::None);

@@ -375,14 +375,11 @@ fn pipeline(
                 (Err(e), Ok(()))
             }
             (None, Compression::None | Compression::Detect) => {
-                let placed = first
-                    .into_iter()
-                    .chain(raw_rx.iter())
-                    .try_for_each(|b| {
-                        let r = placer.put(&b);
-                        let _ = read_pool.give.try_send(b);
-                        r
-                    });
+                let placed = first.into_iter().chain(raw_rx.iter()).try_for_each(|b| {
+                    let r = placer.put(&b);
+                    let _ = read_pool.give.try_send(b);
+                    r
+                });
                 (placed, Ok(()))
             }
             (None, c) => {
@@ -402,24 +399,27 @@ fn pipeline(
                     r
                 });
                 drop(dec_rx);
-                let decoded = decoder.join().unwrap_or_else(|_| {
-                    Err(Ok(std::io::Error::other("the decoder panicked")))
-                });
+                let decoded = decoder
+                    .join()
+                    .unwrap_or_else(|_| Err(Ok(std::io::Error::other("the decoder panicked"))));
                 (placed, decoded)
             }
         };
         let image = placer.offset();
         let touched = placer.touched();
         let placed = placed.and_then(|()| placer.finish());
-        let read = reader
-            .join()
-            .unwrap_or_else(|_| Err(Ok(DeployError::Source {
+        let read = reader.join().unwrap_or_else(|_| {
+            Err(Ok(DeployError::Source {
                 partition: String::new(),
                 received: 0,
                 source: std::io::Error::other("the reader panicked"),
-            })));
+            }))
+        });
 
-        (verdict(spec, compression, image, read, placed, decoded, target), touched)
+        (
+            verdict(spec, compression, image, read, placed, decoded, target),
+            touched,
+        )
     })
 }
 
@@ -438,7 +438,9 @@ fn verdict(
     let partition = spec.partition.as_str();
     {
         let (received, sha256) = match read {
-            Err(Ok(DeployError::Source { received, source, .. })) => {
+            Err(Ok(DeployError::Source {
+                received, source, ..
+            })) => {
                 return Err(DeployError::Source {
                     partition: partition.into(),
                     received,
@@ -454,7 +456,10 @@ fn verdict(
         if let Err(e @ DeployError::TooLarge { known: true, .. }) = placed {
             return Err(e);
         }
-        if let Some(actual) = sha256.as_ref().filter(|a| !a.eq_ignore_ascii_case(&spec.sha256)) {
+        if let Some(actual) = sha256
+            .as_ref()
+            .filter(|a| !a.eq_ignore_ascii_case(&spec.sha256))
+        {
             return Err(DeployError::Checksum {
                 partition: partition.into(),
                 expected: spec.sha256.clone(),
@@ -479,10 +484,13 @@ fn verdict(
                 source: std::io::Error::other("the reader stopped early"),
             });
         };
-        target.file.sync_all().map_err(|source| DeployError::Write {
-            path: target.path.clone(),
-            source,
-        })?;
+        target
+            .file
+            .sync_all()
+            .map_err(|source| DeployError::Write {
+                path: target.path.clone(),
+                source,
+            })?;
         Ok(Written {
             received,
             image,
@@ -563,7 +571,11 @@ mod tests {
     /// boundary, and at the end.
     fn holey() -> Vec<u8> {
         let mut img = image();
-        for (a, b) in [(200_000, 600_000), (900_000, 1_300_000), (2_700_000, 3_000_000)] {
+        for (a, b) in [
+            (200_000, 600_000),
+            (900_000, 1_300_000),
+            (2_700_000, 3_000_000),
+        ] {
             img[a..b].fill(0);
         }
         img
@@ -572,18 +584,34 @@ mod tests {
     #[test]
     fn every_format_lands_byte_for_byte_and_holes_read_back_as_zeros() {
         let img = holey();
-        for (name, source) in [("none", img.clone()), ("gzip", gz(&img)), ("xz", xz(&img)), ("zstd", zst(&img))] {
+        for (name, source) in [
+            ("none", img.clone()),
+            ("gzip", gz(&img)),
+            ("xz", xz(&img)),
+            ("zstd", zst(&img)),
+        ] {
             let dir = tempfile::tempdir().expect("tmp");
             // The partition held other bytes: holes must be zeros afterwards.
             let (t, path) = target(&dir, 4_000_000, 0xee);
-            let w = write_image(Cursor::new(&source), t, &spec(sha(&source), source.len() as u64))
-                .expect(name);
+            let w = write_image(
+                Cursor::new(&source),
+                t,
+                &spec(sha(&source), source.len() as u64),
+            )
+            .expect(name);
             assert_eq!(w.compression.name(), name);
             assert_eq!(w.image, img.len() as u64, "{name}");
-            assert!(w.written < img.len() as u64 - 700_000, "{name}: holes were written ({})", w.written);
+            assert!(
+                w.written < img.len() as u64 - 700_000,
+                "{name}: holes were written ({})",
+                w.written
+            );
             let on_disk = std::fs::read(path).expect("read");
             assert!(on_disk[..img.len()] == img[..], "{name}: differs on disk");
-            assert!(on_disk[img.len()..].iter().all(|b| *b == 0xee), "{name}: wrote past the image");
+            assert!(
+                on_disk[img.len()..].iter().all(|b| *b == 0xee),
+                "{name}: wrote past the image"
+            );
         }
     }
 
@@ -596,7 +624,16 @@ mod tests {
         let mut s = spec(sha(&source), 0);
         s.compression = Compression::Xz;
         let err = write_image(Cursor::new(&source), t, &s).expect_err("not xz");
-        assert!(matches!(err, DeployError::Corrupt { compression: "xz", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                DeployError::Corrupt {
+                    compression: "xz",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -609,9 +646,15 @@ mod tests {
             let dir = tempfile::tempdir().expect("tmp");
             let (t, path) = target(&dir, 4_000_000, 0xee);
             let err = write_image(Cursor::new(&bad), t, &spec(sha(&good), 0)).expect_err("bad");
-            assert!(matches!(&err, DeployError::Checksum { actual, .. } if *actual == sha(&bad)), "{err}");
+            assert!(
+                matches!(&err, DeployError::Checksum { actual, .. } if *actual == sha(&bad)),
+                "{err}"
+            );
             let on_disk = std::fs::read(path).expect("read");
-            assert!(on_disk[..INVALIDATE as usize].iter().all(|b| *b == 0), "invalidated");
+            assert!(
+                on_disk[..INVALIDATE as usize].iter().all(|b| *b == 0),
+                "invalidated"
+            );
         }
     }
 
@@ -622,8 +665,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let (t, path) = target(&dir, 2_000_000, 0xee);
         let err = write_image(Cursor::new(&source), t, &spec(sha(&source), 0)).expect_err("big");
-        assert!(matches!(err, DeployError::TooLarge { known: true, needed: 3_000_000, .. }), "{err}");
-        assert!(std::fs::read(path).expect("read").iter().all(|b| *b == 0xee));
+        assert!(
+            matches!(
+                err,
+                DeployError::TooLarge {
+                    known: true,
+                    needed: 3_000_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(std::fs::read(path)
+            .expect("read")
+            .iter()
+            .all(|b| *b == 0xee));
     }
 
     #[test]
@@ -639,7 +695,10 @@ mod tests {
         let w = write_image(Cursor::new(&source), t, &s).expect("deploy");
         assert_eq!(w.written, map.mapped_bytes());
         let on_disk = std::fs::read(&path).expect("read");
-        assert!(on_disk[..img.len()] == img[..], "unmapped ranges read back as the image's zeros");
+        assert!(
+            on_disk[..img.len()] == img[..],
+            "unmapped ranges read back as the image's zeros"
+        );
 
         // A range whose data differs from its checksum: refused, invalidated.
         let mut other = img.clone();
@@ -649,8 +708,13 @@ mod tests {
         let mut s = spec(sha(&source), 0);
         s.bmap = Some(map.clone());
         let err = write_image(Cursor::new(&source), t, &s).expect_err("range");
-        assert!(matches!(err, DeployError::RangeChecksum { start, .. } if start == 146 * 4096), "{err}");
-        assert!(std::fs::read(&path).expect("read")[..INVALIDATE as usize].iter().all(|b| *b == 0));
+        assert!(
+            matches!(err, DeployError::RangeChecksum { start, .. } if start == 146 * 4096),
+            "{err}"
+        );
+        assert!(std::fs::read(&path).expect("read")[..INVALIDATE as usize]
+            .iter()
+            .all(|b| *b == 0));
 
         // An image longer than its bmap says.
         let mut longer = img.clone();
@@ -666,8 +730,14 @@ mod tests {
         let mut s = spec(sha(&img), 0);
         s.bmap = Some(map);
         let err = write_image(Cursor::new(&img), t, &s).expect_err("big");
-        assert!(matches!(err, DeployError::TooLarge { known: true, .. }), "{err}");
-        assert!(std::fs::read(path).expect("read").iter().all(|b| *b == 0xee));
+        assert!(
+            matches!(err, DeployError::TooLarge { known: true, .. }),
+            "{err}"
+        );
+        assert!(std::fs::read(path)
+            .expect("read")
+            .iter()
+            .all(|b| *b == 0xee));
     }
 
     #[test]

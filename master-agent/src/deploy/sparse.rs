@@ -223,7 +223,14 @@ impl<'a, 'b> Placer<'a, 'b> {
             hasher.update(piece);
             let gap = (*gap_from, range.start);
             let done = range.end <= end;
-            let check = done.then(|| (hasher.finish(), range.checksum.clone(), range.start, range.end));
+            let check = done.then(|| {
+                (
+                    hasher.finish(),
+                    range.checksum.clone(),
+                    range.start,
+                    range.end,
+                )
+            });
             if done {
                 *next += 1;
                 *gap_from = range.end;

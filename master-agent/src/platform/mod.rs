@@ -59,9 +59,11 @@ impl WriteTarget {
             n,
         ) {
             Ok(()) => Ok(true),
-            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS | nix::errno::Errno::EINVAL) => {
-                Ok(false)
-            }
+            Err(
+                nix::errno::Errno::EOPNOTSUPP
+                | nix::errno::Errno::ENOSYS
+                | nix::errno::Errno::EINVAL,
+            ) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
