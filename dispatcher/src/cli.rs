@@ -88,6 +88,12 @@ enum Cmd {
         #[arg(required = true, last = true)]
         command: Vec<String>,
     },
+    /// Print the Ferry job a LAVA v2 job file translates to. Exit 2 listing
+    /// every key Ferry cannot honour.
+    Translate {
+        /// The LAVA job file.
+        job: PathBuf,
+    },
     /// List the jobs running on this host (from the device locks).
     List {
         /// One JSON object per job instead of a table.
@@ -219,6 +225,18 @@ pub fn main() -> ExitCode {
             keep_on,
             logs,
         }))),
+        Cmd::Translate { job } => match crate::job::translate_lava(&job) {
+            Ok(text) => {
+                use std::io::Write as _;
+                // A closed stdout (| head) is not an error.
+                let _ = std::io::stdout().write_all(text.as_bytes());
+                ExitCode::SUCCESS
+            }
+            Err(f) => {
+                eprintln!("dispatcher: {}", f.message);
+                ExitCode::from(2)
+            }
+        },
         Cmd::List { json } => {
             let jobs = crate::lock::running();
             if json {

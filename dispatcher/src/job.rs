@@ -300,6 +300,59 @@ fn pack_tree(dir: &Path) -> std::io::Result<Vec<u8>> {
     tar.into_inner()?.finish()
 }
 
+/// Reads a job file: Ferry's own, or a LAVA v2 job translated into it.
+fn read_job(path: &Path) -> Result<(JobFile, Vec<String>), Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::job(format!("job file {}: {e}", path.display())))?;
+    let doc: Value = serde_norway::from_str(&text).unwrap_or(Value::Null);
+    if !crate::lava_job::is_lava(&doc) {
+        let file = yaml::parse(path, &text).map_err(|e| Failure::job(format!("job file {e}")))?;
+        return Ok((file, Vec::new()));
+    }
+    let (ferry, warnings) = crate::lava_job::translate(path, &text, &doc).map_err(|keys| {
+        Failure::job(format!(
+            "LAVA job file {}: Ferry cannot honour {} key(s):\n  {}",
+            path.display(),
+            keys.len(),
+            keys.join("\n  ")
+        ))
+    })?;
+    let file = serde_norway::from_value(ferry).map_err(|e| {
+        Failure::job(format!(
+            "LAVA job file {} (translated): {e}",
+            path.display()
+        ))
+    })?;
+    Ok((file, warnings))
+}
+
+/// The Ferry job a LAVA v2 job file translates to, as YAML
+/// (`dispatcher translate`).
+///
+/// # Errors
+/// An unreadable file, one that is not a LAVA job, or the keys Ferry cannot honour.
+pub fn translate_lava(path: &Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::job(format!("job file {}: {e}", path.display())))?;
+    let doc: Value = serde_norway::from_str(&text)
+        .map_err(|e| Failure::job(format!("job file {}: {e}", path.display())))?;
+    if !crate::lava_job::is_lava(&doc) {
+        return Err(Failure::job(format!(
+            "{}: not a LAVA v2 job (no `job_name` and `actions`)",
+            path.display()
+        )));
+    }
+    let (ferry, _) = crate::lava_job::translate(path, &text, &doc).map_err(|keys| {
+        Failure::job(format!(
+            "LAVA job file {}: Ferry cannot honour {} key(s):\n  {}",
+            path.display(),
+            keys.len(),
+            keys.join("\n  ")
+        ))
+    })?;
+    serde_norway::to_string(&ferry).map_err(|e| Failure::job(e.to_string()))
+}
+
 /// A checked job.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -383,7 +436,7 @@ impl Job {
     /// # Errors
     /// A job error naming the file, line and key, or the entry at fault.
     pub fn load(path: &Path, device: &Device) -> Result<Self, Failure> {
-        let file: JobFile = yaml::load(path).map_err(|e| Failure::job(format!("job file {e}")))?;
+        let (file, lava_warnings) = read_job(path)?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let at = |key: String| format!("job file {}: {key}", path.display());
         if !valid_name(&file.job) {
@@ -455,7 +508,7 @@ impl Job {
             deploy.push(d);
         }
 
-        let mut warnings = Vec::new();
+        let mut warnings = lava_warnings;
         let mut definitions: Vec<Definition> = Vec::new();
         let mut shipped = 0usize;
         for (i, r) in file

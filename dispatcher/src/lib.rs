@@ -20,6 +20,7 @@ pub mod git;
 pub mod job;
 pub mod jobs;
 pub mod lab;
+pub mod lava_job;
 pub mod lock;
 pub mod netns;
 pub mod outcome;

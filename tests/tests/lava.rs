@@ -396,3 +396,80 @@ fn check_results_yaml(run: &Run, job: &str) -> Vec<serde_json::Value> {
     }
     cases.clone()
 }
+
+#[test]
+fn a_lava_job_gives_the_results_of_its_ferry_translation() {
+    let lava_job = workspace().join("examples/lava/smoke-lava-job.yaml");
+    let ferry_job = workspace().join("examples/lava/smoke-ferry-job.yaml");
+    let board = SimBoard::new();
+    let lava = board.run(&lava_job);
+    lava.expect_outcome("complete");
+    let ferry = board.run(&ferry_job);
+    ferry.expect_outcome("complete");
+    let mut sleep = row("smoke", "sleep-time", "pass");
+    sleep.3 = Some(0.1);
+    sleep.4 = Some("seconds".into());
+    sleep.5 = Some("timing".into());
+    let expected = sorted(vec![
+        row("smoke", "greeting", "pass"),
+        sleep,
+        row("smoke", "not-yet", "skip"),
+        row("smoke", "uart", "pass"),
+        row("smoke", "spi", "fail"),
+        row("lava", "smoke", "pass"),
+    ]);
+    assert_eq!(full(&lava), expected, "{}", lava.dump());
+    assert_eq!(full(&ferry), expected, "{}", ferry.dump());
+    check_results_yaml(&lava, "smoke_under_LAVA");
+    // The deploy happened from the LAVA job's images.
+    assert!(lava.text("events.jsonl").contains("firmware"));
+
+    // `dispatcher translate` prints the Ferry job it ran.
+    let out = std::process::Command::new(ferry_tests::bin("dispatcher"))
+        .args(["translate"])
+        .arg(&lava_job)
+        .output()
+        .expect("translate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_norway::from_slice(&out.stdout).expect("yaml");
+    assert_eq!(printed["job"], "smoke_under_LAVA");
+    assert_eq!(printed["timeouts"]["test"], "300s");
+    assert_eq!(printed["deploy"][0]["to"], "firmware");
+    assert_eq!(
+        printed["test"]["definitions"][0]["inline"]["metadata"]["name"],
+        "smoke"
+    );
+}
+
+#[test]
+fn a_lava_job_with_keys_ferry_cannot_honour_exits_2_listing_them_all() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "multinode.yaml",
+        "job_name: multinode\ndevice_type: sim\ntimeouts:\n  job: {minutes: 5}\nprotocols:\n  lava-multinode: {roles: {a: {count: 2}}}\nactions:\n- deploy:\n    to: lxc\n    images:\n      rootfs: {url: 'https://example.org/rootfs.ext4.xz', compression: xz}\n    failure_retry: 3\n- boot:\n    method: fastboot\n    docker: {image: adb}\n- test:\n    interactive:\n    - name: shell\n    definitions:\n    - from: url\n      path: x.yaml\n      name: x\n- command:\n    name: pdu_reboot\n",
+    );
+    let run = board.run(&job);
+    let message = run.expect_outcome("job-error");
+    let file = job.display().to_string();
+    for expected in [
+        format!("{file}:5: protocols"),
+        format!("{file}:11: actions[0].deploy.images.rootfs.url"),
+        format!("{file}:11: actions[0].deploy.images.rootfs.compression"),
+        format!("{file}:12: actions[0].deploy.failure_retry"),
+        format!("{file}:15: actions[1].boot.docker"),
+        format!("{file}:17: actions[2].test.interactive"),
+        format!("{file}:20: actions[2].test.definitions[0].from"),
+        format!("{file}:23: actions[3].command"),
+    ] {
+        assert!(message.contains(&expected), "{expected}\nin:\n{message}");
+    }
+    assert!(
+        message.contains("Ferry cannot honour 8 key(s)"),
+        "{message}"
+    );
+    assert!(!board.powered(), "nothing was powered for a job error");
+}

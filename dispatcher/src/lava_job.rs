@@ -1,0 +1,429 @@
+//! LAVA v2 job files, accepted as they are: recognised by their keys
+//! (`job_name` and `actions`) and translated into Ferry's job file before
+//! it is checked. What Ferry cannot honour is never dropped: every such key
+//! is listed, with its file, line and path, as one job error.
+
+use std::path::Path;
+
+use serde_norway::{Mapping, Value};
+
+/// Whether `doc` is a LAVA v2 job (Ferry's own jobs have `job`, never `actions`).
+pub fn is_lava(doc: &Value) -> bool {
+    doc.get("job_name").is_some() && doc.get("actions").is_some()
+}
+
+/// Finds the line of each key, in document order, in the raw text.
+struct Lines<'a> {
+    lines: Vec<&'a str>,
+    /// Per key name, the line after its last use.
+    cursor: std::collections::HashMap<String, usize>,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a str) -> Self {
+        Lines {
+            lines: text.lines().collect(),
+            cursor: Default::default(),
+        }
+    }
+
+    /// The 1-based line of the next occurrence of `key` as a mapping key.
+    fn next(&mut self, key: &str) -> usize {
+        let from = self.cursor.get(key).copied().unwrap_or(0);
+        let found = self.lines[from.min(self.lines.len())..]
+            .iter()
+            .position(|l| {
+                let mut rest = *l;
+                while let Some(i) = rest.find(key) {
+                    let before = rest[..i].chars().last();
+                    let after = rest[i + key.len()..].trim_start();
+                    if before.is_none_or(|c| " \t{,-\"'".contains(c))
+                        && (after.starts_with(':')
+                            || after.starts_with("\":")
+                            || after.starts_with("':"))
+                    {
+                        return true;
+                    }
+                    rest = &rest[i + key.len()..];
+                }
+                false
+            })
+            .map(|i| from + i);
+        match found {
+            Some(i) => {
+                self.cursor.insert(key.into(), i + 1);
+                i + 1
+            }
+            None => 0,
+        }
+    }
+}
+
+/// The translation's state: what was refused, and where.
+struct Translate<'a> {
+    file: &'a Path,
+    lines: Lines<'a>,
+    unsupported: Vec<String>,
+    warnings: Vec<String>,
+}
+
+fn key_str(k: &Value) -> String {
+    match k {
+        Value::String(s) => s.clone(),
+        other => serde_norway::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+impl Translate<'_> {
+    /// Walks `map` in order, giving each key its line; keys not in `ok` are refused.
+    fn keys<'m>(
+        &mut self,
+        map: &'m Mapping,
+        path: &str,
+        ok: &[&str],
+    ) -> Vec<(String, &'m Value, usize)> {
+        let mut out = Vec::new();
+        for (k, v) in map {
+            let name = key_str(k);
+            let line = self.lines.next(&name);
+            let full = if path.is_empty() {
+                name.clone()
+            } else {
+                format!("{path}.{name}")
+            };
+            if ok.contains(&name.as_str()) {
+                out.push((name, v, line));
+            } else {
+                self.refuse(line, &full);
+            }
+        }
+        out
+    }
+
+    fn refuse(&mut self, line: usize, path: &str) {
+        self.unsupported
+            .push(format!("{}:{line}: {path}", self.file.display()));
+    }
+
+    /// Marks every key below `v` as seen, so later lines are found in order.
+    fn skip(&mut self, v: &Value) {
+        match v {
+            Value::Mapping(m) => {
+                for (k, v) in m {
+                    self.lines.next(&key_str(k));
+                    self.skip(v);
+                }
+            }
+            Value::Sequence(s) => s.iter().for_each(|v| self.skip(v)),
+            _ => {}
+        }
+    }
+
+    /// A LAVA timeout: exactly one of days/hours/minutes/seconds.
+    fn timeout(&mut self, v: &Value, path: &str, line: usize) -> Option<String> {
+        let Some(m) = v.as_mapping() else {
+            self.refuse(
+                line,
+                &format!("{path} (a timeout is a map of one of days, hours, minutes, seconds)"),
+            );
+            return None;
+        };
+        let units = self.keys(m, path, &["days", "hours", "minutes", "seconds"]);
+        if units.len() != 1 {
+            if !units.is_empty() {
+                self.refuse(
+                    line,
+                    &format!("{path} (give exactly one of days, hours, minutes, seconds)"),
+                );
+            }
+            return None;
+        }
+        let (unit, n, line) = &units[0];
+        let Some(n) = n.as_u64() else {
+            self.refuse(*line, &format!("{path}.{unit} (a whole number)"));
+            return None;
+        };
+        let secs = match unit.as_str() {
+            "days" => n * 86_400,
+            "hours" => n * 3_600,
+            "minutes" => n * 60,
+            _ => n,
+        };
+        Some(format!("{secs}s"))
+    }
+}
+
+/// Translates a LAVA v2 job (`text`, from `file`) into Ferry's job file.
+///
+/// # Errors
+/// The list of every key Ferry cannot honour (`file:line: path`).
+pub fn translate(
+    file: &Path,
+    text: &str,
+    doc: &Value,
+) -> Result<(Value, Vec<String>), Vec<String>> {
+    let mut t = Translate {
+        file,
+        lines: Lines::new(text),
+        unsupported: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let mut job = Mapping::new();
+    let mut timeouts = Mapping::new();
+    let mut deploy: Vec<Value> = Vec::new();
+    let mut definitions: Vec<Value> = Vec::new();
+    let (mut action_timeout, mut deploy_timeout, mut test_timeout) = (None, None, None);
+    let empty = Mapping::new();
+    let top = doc.as_mapping().unwrap_or(&empty);
+    let accepted = [
+        "job_name",
+        "device_type",
+        "timeouts",
+        "priority",
+        "visibility",
+        "metadata",
+        "context",
+        "tags",
+        "actions",
+    ];
+    for (key, v, _line) in t.keys(top, "", &accepted) {
+        match key.as_str() {
+            "job_name" => {
+                // LAVA allows spaces in names; Ferry's names become paths on the board.
+                let name = v.as_str().map(|s| {
+                    s.chars()
+                        .map(|c| {
+                            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                                c
+                            } else {
+                                '_'
+                            }
+                        })
+                        .take(64)
+                        .collect::<String>()
+                });
+                job.insert("job".into(), name.unwrap_or_default().into());
+            }
+            "timeouts" => {
+                let m = v.as_mapping().unwrap_or(&empty);
+                for (k, v, line) in t.keys(
+                    m,
+                    "timeouts",
+                    &["job", "action", "connection", "actions", "connections"],
+                ) {
+                    match k.as_str() {
+                        "job" => {
+                            if let Some(d) = t.timeout(v, "timeouts.job", line) {
+                                timeouts.insert("job".into(), d.into());
+                            }
+                        }
+                        "action" => action_timeout = t.timeout(v, "timeouts.action", line),
+                        other => {
+                            // Per-action and connection timeouts have no Ferry
+                            // equivalent: the board's own timeouts bound those steps.
+                            t.skip(v);
+                            t.warnings.push(format!("timeouts.{other} accepted but not applied (the device file's timeouts bound those steps)"));
+                        }
+                    }
+                }
+            }
+            "device_type" | "priority" | "visibility" | "metadata" | "context" | "tags" => {
+                t.skip(v);
+                if key != "device_type" && key != "metadata" {
+                    t.warnings
+                        .push(format!("{key} is the scheduler's; accepted, not acted on"));
+                }
+            }
+            "actions" => {
+                let actions = v.as_sequence().cloned().unwrap_or_default();
+                for (i, a) in actions.iter().enumerate() {
+                    let m = a.as_mapping().unwrap_or(&empty);
+                    for (kind, body, _line) in
+                        t.keys(m, &format!("actions[{i}]"), &["deploy", "boot", "test"])
+                    {
+                        let path = format!("actions[{i}].{kind}");
+                        let body = body.as_mapping().unwrap_or(&empty);
+                        match kind.as_str() {
+                            "deploy" => {
+                                for (k, v, line) in
+                                    t.keys(body, &path, &["to", "images", "timeout", "os"])
+                                {
+                                    match k.as_str() {
+                                        "timeout" => {
+                                            deploy_timeout =
+                                                t.timeout(v, &format!("{path}.timeout"), line)
+                                        }
+                                        "images" => {
+                                            let imgs = v.as_mapping().unwrap_or(&empty);
+                                            for (name, img, _) in t.keys(
+                                                imgs,
+                                                &format!("{path}.images"),
+                                                &imgs
+                                                    .keys()
+                                                    .map(key_str)
+                                                    .collect::<Vec<_>>()
+                                                    .iter()
+                                                    .map(String::as_str)
+                                                    .collect::<Vec<_>>(),
+                                            ) {
+                                                let ipath = format!("{path}.images.{name}");
+                                                let mut entry = Mapping::new();
+                                                entry.insert("to".into(), name.clone().into());
+                                                let im = img.as_mapping().unwrap_or(&empty);
+                                                for (k, v, line) in t.keys(
+                                                    im,
+                                                    &ipath,
+                                                    &[
+                                                        "url",
+                                                        "compression",
+                                                        "sha256sum",
+                                                        "partition",
+                                                    ],
+                                                ) {
+                                                    let s =
+                                                        v.as_str().unwrap_or_default().to_string();
+                                                    match k.as_str() {
+                                                        "url" => match s.strip_prefix("file://") {
+                                                            Some(p) => { entry.insert("image".into(), p.into()); }
+                                                            None if !s.contains("://") => { entry.insert("image".into(), s.into()); }
+                                                            None => t.refuse(line, &format!("{ipath}.url ({s}: only file:// URLs and paths; download it first)")),
+                                                        },
+                                                        "compression" => match s.as_str() {
+                                                            "gz" | "gzip" => { entry.insert("compression".into(), "gzip".into()); }
+                                                            "none" | "" => { entry.insert("compression".into(), "none".into()); }
+                                                            _ => t.refuse(line, &format!("{ipath}.compression ({s}: gz or none)")),
+                                                        },
+                                                        "sha256sum" => { entry.insert("sha256".into(), s.into()); }
+                                                        _ => { entry.insert("to".into(), s.into()); }
+                                                    }
+                                                }
+                                                deploy.push(entry.into());
+                                            }
+                                        }
+                                        _ => t.skip(v),
+                                    }
+                                }
+                            }
+                            "boot" => {
+                                // Ferry boots the test image itself (boot-once, then its agent).
+                                for (_, v, _) in t.keys(
+                                    body,
+                                    &path,
+                                    &["method", "prompts", "timeout", "auto_login"],
+                                ) {
+                                    t.skip(v);
+                                }
+                            }
+                            _ => {
+                                for (k, v, line) in t.keys(body, &path, &["definitions", "timeout"])
+                                {
+                                    if k == "timeout" {
+                                        test_timeout =
+                                            t.timeout(v, &format!("{path}.timeout"), line);
+                                        continue;
+                                    }
+                                    for (j, d) in v
+                                        .as_sequence()
+                                        .cloned()
+                                        .unwrap_or_default()
+                                        .iter()
+                                        .enumerate()
+                                    {
+                                        let dpath = format!("{path}.definitions[{j}]");
+                                        let dm = d.as_mapping().unwrap_or(&empty);
+                                        let mut def = Mapping::new();
+                                        for (k, v, line) in t.keys(
+                                            dm,
+                                            &dpath,
+                                            &[
+                                                "from",
+                                                "repository",
+                                                "path",
+                                                "name",
+                                                "branch",
+                                                "revision",
+                                                "history",
+                                                "parameters",
+                                                "params",
+                                                "skip_install",
+                                            ],
+                                        ) {
+                                            match k.as_str() {
+                                                "from" if v.as_str() == Some("url") => t.refuse(
+                                                    line,
+                                                    &format!(
+                                                        "{dpath}.from (url: use git or inline)"
+                                                    ),
+                                                ),
+                                                // LAVA's inline definitions sit in `repository`.
+                                                "repository"
+                                                    if dm.get("from").and_then(Value::as_str)
+                                                        == Some("inline") =>
+                                                {
+                                                    t.skip(v);
+                                                    def.insert("inline".into(), v.clone());
+                                                }
+                                                "from" => {
+                                                    if v.as_str() == Some("git") {
+                                                        def.insert("from".into(), "git".into());
+                                                    }
+                                                }
+                                                "path"
+                                                    if dm.get("from").and_then(Value::as_str)
+                                                        == Some("inline") => {}
+                                                "params" => {
+                                                    t.skip(v);
+                                                    def.insert("parameters".into(), v.clone());
+                                                }
+                                                "skip_install" => {
+                                                    t.skip(v);
+                                                    def.insert(
+                                                        "skip_install".into(),
+                                                        (!v.is_null()
+                                                            && v.as_bool() != Some(false))
+                                                        .into(),
+                                                    );
+                                                }
+                                                _ => {
+                                                    t.skip(v);
+                                                    def.insert(k.into(), v.clone());
+                                                }
+                                            }
+                                        }
+                                        definitions.push(def.into());
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(d) = deploy_timeout.or_else(|| action_timeout.clone()) {
+        timeouts.insert("deploy".into(), d.into());
+    }
+    if let Some(d) = test_timeout.or(action_timeout) {
+        timeouts.insert("test".into(), d.into());
+    }
+    if !timeouts.is_empty() {
+        job.insert("timeouts".into(), timeouts.into());
+    }
+    if !deploy.is_empty() {
+        job.insert("deploy".into(), deploy.into());
+    }
+    if !definitions.is_empty() {
+        let mut test = Mapping::new();
+        test.insert("definitions".into(), definitions.into());
+        job.insert("test".into(), test.into());
+    }
+    if t.unsupported.is_empty() {
+        Ok((job.into(), t.warnings))
+    } else {
+        Err(t.unsupported)
+    }
+}
