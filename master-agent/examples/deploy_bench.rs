@@ -128,6 +128,7 @@ fn main() {
     let sim = SimConfig {
         partitions: [("part".to_string(), SimPartition::File(part.clone()))].into(),
         mountinfo: None,
+        mkfs: Default::default(),
     };
     let platform = SimPlatform::new(sim, "bootsel".into());
     let p = part.display();

@@ -186,6 +186,40 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| AgentError::Task(e.to_string()))?
 }
 
+/// Makes a fresh filesystem on the partition and unpacks the rootfs tarball
+/// into it; on any failure the partition is invalidated.
+fn deploy_rootfs(
+    platform: &dyn Platform,
+    source: impl Read + Send,
+    spec: &ImageSpec,
+) -> Result<(Written, deploy::Unpacked), AgentError> {
+    let made = platform.make_filesystem(&spec.partition);
+    let result = made.map_err(AgentError::from).and_then(|fs| {
+        let root =
+            cap_std::fs::Dir::open_ambient_dir(fs.mounted.path(), cap_std::ambient_authority())
+                .map_err(PlatformError::io("opening", fs.mounted.path()))?;
+        let unpacked = deploy::write_rootfs(source, &root, fs.capacity, spec);
+        drop(root);
+        let finished = fs.mounted.unmount();
+        let unpacked = unpacked?;
+        finished?;
+        Ok(unpacked)
+    });
+    if result.is_err() {
+        let invalidated = platform
+            .open_for_write(&spec.partition)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|t| deploy::invalidate(&t));
+        if let Err(e) = invalidated {
+            tracing::error!(
+                "could not invalidate {} after a failed deploy: {e}",
+                spec.partition
+            );
+        }
+    }
+    result
+}
+
 impl Agent {
     /// An agent for this boot.
     pub fn new(
@@ -321,14 +355,27 @@ impl Agent {
             &self.console,
             &format!("[ferry] master-agent: deploying {} to {name}", spec.sha256),
         );
+        let console = self.console.clone();
         let written = blocking(move || {
             let _claim = claim;
-            let target = platform.open_for_write(&spec.partition)?;
-            Ok(deploy::write_image(
-                ChannelReader::new(chunks),
-                target,
-                &spec,
-            )?)
+            let (source, content) = deploy::sniff(ChannelReader::new(chunks), spec.compression);
+            match content {
+                deploy::Content::Image => {
+                    let target = platform.open_for_write(&spec.partition)?;
+                    Ok(deploy::write_image(source, target, &spec)?)
+                }
+                deploy::Content::Tarball => {
+                    let (written, n) = deploy_rootfs(&*platform, source, &spec)?;
+                    say(
+                        &console,
+                        &format!(
+                            "[ferry] master-agent: unpacked {} files, {} folders, {} symlinks, {} hard links ({} device nodes skipped) to {}",
+                            n.files, n.dirs, n.symlinks, n.hardlinks, n.skipped, spec.partition
+                        ),
+                    );
+                    Ok(written)
+                }
+            }
         })
         .await?;
         // A new image under an installed test agent undoes the install.
@@ -588,6 +635,7 @@ mod tests {
             ]
             .into(),
             mountinfo: None,
+            mkfs: Default::default(),
         };
         let text =
             "test_agent_bundle: none\nallowed_partitions: [testrootfs, disk]\nplatform: {linux: {}}\n\
@@ -751,6 +799,67 @@ mod tests {
 
     fn image() -> Vec<u8> {
         (0..3_000_000u32).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    /// A file of the ext4 filesystem image at `fs`, read with debugfs.
+    fn debugfs_cat(fs: &std::path::Path, path: &str) -> String {
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat {path}")])
+            .arg(fs)
+            .output()
+            .expect("debugfs (e2fsprogs) runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_rootfs_tarball_from_a_url_becomes_a_filesystem_on_the_partition() {
+        use crate::deploy::rootfs::tests::Tarball;
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = agent(dir.path(), None);
+        let tar = Tarball::default()
+            .dir("./")
+            .dir("etc/")
+            .file("etc/hostname", b"from-tarball\n")
+            .symlink("etc/localtime", "/usr/share/zoneinfo/UTC")
+            .done();
+        let source = zstd::bulk::compress(&tar, 3).expect("zstd");
+        let (url, _) = server(source.clone(), Serve::default()).await;
+        let w = a
+            .deploy_url(url_spec(sha(&source)), &url, deadline())
+            .await
+            .expect("deploy");
+        assert_eq!(w.compression, deploy::Compression::Zstd);
+        assert_eq!(w.image, tar.len() as u64);
+        let disk = dir.path().join("disk");
+        assert_eq!(debugfs_cat(&disk, "/etc/hostname"), "from-tarball\n");
+        assert!(!dir.path().join("disk.rootfs").exists(), "staging removed");
+    }
+
+    #[tokio::test]
+    async fn a_hostile_tarball_fails_the_deploy_writes_nothing_outside_and_invalidates() {
+        use crate::deploy::rootfs::tests::Tarball;
+        let dir = tempfile::tempdir().expect("tmp");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).expect("outside");
+        let a = agent(dir.path(), None);
+        let tar = Tarball::default()
+            .file("etc/ok", b"fine")
+            .symlink("esc", &outside.display().to_string())
+            .file("esc/pwned", b"x")
+            .done();
+        let (url, _) = server(tar.clone(), Serve::default()).await;
+        let e = a
+            .deploy_url(url_spec(sha(&tar)), &url, deadline())
+            .await
+            .expect_err("hostile");
+        assert!(
+            matches!(e, AgentError::Deploy(DeployError::Rootfs { .. })),
+            "{e}"
+        );
+        assert!(e.to_string().contains("esc/pwned"), "names the entry: {e}");
+        assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 0);
+        let disk = std::fs::read(dir.path().join("disk")).expect("disk");
+        assert!(disk[..1 << 20].iter().all(|b| *b == 0), "invalidated");
     }
 
     #[tokio::test]

@@ -41,9 +41,9 @@ impl From<AgentError> for Status {
                 DeployError::Checksum { .. } | DeployError::RangeChecksum { .. } => {
                     Status::data_loss(msg)
                 }
-                DeployError::Corrupt { .. } | DeployError::Bmap { .. } => {
-                    Status::invalid_argument(msg)
-                }
+                DeployError::Corrupt { .. }
+                | DeployError::Bmap { .. }
+                | DeployError::Rootfs { .. } => Status::invalid_argument(msg),
                 DeployError::Source { .. } => Status::aborted(msg),
                 DeployError::Write { .. } => Status::internal(msg),
             },

@@ -57,6 +57,23 @@ impl Compression {
         }
     }
 
+    /// Whether the file whose first bytes are `head` (with this compression,
+    /// resolved) is a tar archive: `ustar` at byte 257 of its decoded start.
+    /// A disk image never carries it there (a partition table's boot code or
+    /// a filesystem's reserved start).
+    pub fn is_tarball(self, head: &[u8]) -> bool {
+        let mut start = Vec::with_capacity(512);
+        let decoded = match self.decoder(head) {
+            Ok(Some(mut d)) => {
+                let _ = d.by_ref().take(512).read_to_end(&mut start);
+                &start[..]
+            }
+            Ok(None) => head,
+            Err(_) => return false,
+        };
+        decoded.get(257..262) == Some(b"ustar")
+    }
+
     /// A streaming decoder reading `input`; `None` for a raw image.
     ///
     /// # Errors
@@ -99,5 +116,24 @@ mod tests {
         assert_eq!(Compression::Detect.resolve(b"hsqs"), Compression::None);
         assert_eq!(Compression::Detect.resolve(&[]), Compression::None);
         assert_eq!(Compression::None.resolve(&[0x1f, 0x8b]), Compression::None);
+    }
+
+    #[test]
+    fn a_tarball_is_told_from_an_image_through_its_compression() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(3);
+        h.set_cksum();
+        tar.append_data(&mut h, "etc/x", &b"abc"[..]).expect("tar");
+        let tar = tar.into_inner().expect("tar");
+        let zst = zstd::bulk::compress(&tar, 3).expect("zstd");
+        assert!(Compression::None.is_tarball(&tar));
+        assert!(Compression::Zstd.is_tarball(&zst));
+        assert!(!Compression::None.is_tarball(&vec![0u8; 4096]));
+        assert!(
+            !Compression::Zstd.is_tarball(&zstd::bulk::compress(&[0u8; 4096], 3).expect("zstd"))
+        );
+        // Truncated compressed input: not a tarball, no panic.
+        assert!(!Compression::Zstd.is_tarball(&zst[..6]));
     }
 }

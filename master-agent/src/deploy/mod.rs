@@ -11,6 +11,7 @@
 
 pub mod bmap;
 pub mod format;
+pub mod rootfs;
 pub mod sparse;
 
 use std::io::{BufRead, Read};
@@ -24,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 pub use self::bmap::Bmap;
 pub use self::format::Compression;
+pub use self::rootfs::Unpacked;
 use self::sparse::Placer;
 use crate::platform::WriteTarget;
 
@@ -111,6 +113,14 @@ pub enum DeployError {
         partition: String,
         /// How.
         why: String,
+    },
+    /// A rootfs tarball that cannot be unpacked inside its filesystem.
+    #[error("rootfs tarball for {partition:?}: {source}; partition invalidated")]
+    Rootfs {
+        /// The partition.
+        partition: String,
+        /// What was refused.
+        source: rootfs::UnpackError,
     },
     /// The compressed data is corrupt or truncated.
     #[error("image for {partition:?} is corrupt ({compression}): {source}")]
@@ -417,7 +427,15 @@ fn pipeline(
         });
 
         (
-            verdict(spec, compression, image, read, placed, decoded, target),
+            verdict(
+                spec,
+                compression,
+                image,
+                read,
+                placed,
+                decoded,
+                Some(target),
+            ),
             touched,
         )
     })
@@ -433,7 +451,7 @@ fn verdict(
     read: Result<(u64, String), Result<DeployError, Stopped>>,
     placed: Result<u64, DeployError>,
     decoded: Result<(), Result<std::io::Error, Stopped>>,
-    target: &WriteTarget,
+    target: Option<&WriteTarget>,
 ) -> Result<Written, DeployError> {
     let partition = spec.partition.as_str();
     {
@@ -466,7 +484,8 @@ fn verdict(
                 actual: actual.clone(),
             });
         }
-        let written = placed?;
+        // A decoder that failed ends its output early, which the writer may
+        // have reported first (a tarball cut short): the decoder's word wins.
         match decoded {
             Err(Ok(source)) => {
                 return Err(DeployError::Corrupt {
@@ -477,6 +496,7 @@ fn verdict(
             }
             Err(Err(Stopped)) | Ok(()) => {}
         }
+        let written = placed?;
         let (Some(received), Some(sha256)) = (received, sha256) else {
             return Err(DeployError::Source {
                 partition: partition.into(),
@@ -484,13 +504,15 @@ fn verdict(
                 source: std::io::Error::other("the reader stopped early"),
             });
         };
-        target
-            .file
-            .sync_all()
-            .map_err(|source| DeployError::Write {
-                path: target.path.clone(),
-                source,
-            })?;
+        if let Some(target) = target {
+            target
+                .file
+                .sync_all()
+                .map_err(|source| DeployError::Write {
+                    path: target.path.clone(),
+                    source,
+                })?;
+        }
         Ok(Written {
             received,
             image,
@@ -501,8 +523,176 @@ fn verdict(
     }
 }
 
-/// Zeroes the start of the partition so nothing boots a half-written image.
-fn invalidate(target: &WriteTarget) -> std::io::Result<()> {
+/// Unpacks the rootfs tarball read from `source` (compressed or not) into
+/// `root`, a fresh filesystem of `capacity` bytes, confined to it (see
+/// [`rootfs`]), and verifies the file as given. Reading and hashing,
+/// decoding and unpacking run on their own threads. The caller makes the
+/// filesystem and, on error, invalidates the partition.
+///
+/// # Errors
+/// See [`DeployError`]; a refused entry is [`DeployError::Rootfs`].
+pub fn write_rootfs(
+    source: impl Read + Send,
+    root: &cap_std::fs::Dir,
+    capacity: u64,
+    spec: &ImageSpec,
+) -> Result<(Written, Unpacked), DeployError> {
+    let partition = spec.partition.as_str();
+    if spec.bmap.is_some() {
+        return Err(DeployError::Bmap {
+            partition: partition.into(),
+            why: "a bmap maps a disk image; this image is a rootfs tarball".into(),
+        });
+    }
+    let drain = AtomicBool::new(false);
+    let (read_pool, decode_pool) = (Pool::new(), Pool::new());
+    std::thread::scope(|scope| {
+        let (raw_tx, raw_rx) = sync_channel::<Vec<u8>>(DEPTH);
+        let reader = scope.spawn(|| read_stage(source, raw_tx, &read_pool, &drain));
+        let first = raw_rx.recv().ok();
+        let compression = spec
+            .compression
+            .resolve(first.as_deref().unwrap_or_default());
+        let raw = QueueReader {
+            queue: raw_rx,
+            pool: &read_pool,
+            buf: first.unwrap_or_default(),
+            pos: 0,
+        };
+        let (unpacked, image, decoded) = match compression {
+            Compression::None | Compression::Detect => {
+                let (u, n) = unpack_stream(root, raw, capacity, &drain);
+                (u, n, Ok(()))
+            }
+            c => {
+                let (dec_tx, dec_rx) = sync_channel::<Vec<u8>>(DEPTH);
+                let (decode_pool, drain) = (&decode_pool, &drain);
+                let decoder = scope.spawn(move || decode_stage(raw, c, dec_tx, decode_pool, drain));
+                let input = QueueReader {
+                    queue: dec_rx,
+                    pool: decode_pool,
+                    buf: Vec::new(),
+                    pos: 0,
+                };
+                let (u, n) = unpack_stream(root, input, capacity, drain);
+                let decoded = decoder
+                    .join()
+                    .unwrap_or_else(|_| Err(Ok(std::io::Error::other("the decoder panicked"))));
+                (u, n, decoded)
+            }
+        };
+        let read = reader.join().unwrap_or_else(|_| {
+            Err(Ok(DeployError::Source {
+                partition: String::new(),
+                received: 0,
+                source: std::io::Error::other("the reader panicked"),
+            }))
+        });
+        let (placed, unpacked) = match unpacked {
+            Ok(u) => (Ok(u.bytes), u),
+            Err(source) => (
+                Err(DeployError::Rootfs {
+                    partition: partition.into(),
+                    source,
+                }),
+                Unpacked::default(),
+            ),
+        };
+        let written = verdict(spec, compression, image, read, placed, decoded, None)?;
+        Ok((written, unpacked))
+    })
+}
+
+/// Unpacks the decoded tar stream `input`, then reads it to its end (so the
+/// whole file is hashed); on failure tells the reader to go on hashing.
+/// Returns also the decoded bytes read.
+fn unpack_stream(
+    root: &cap_std::fs::Dir,
+    input: QueueReader<'_>,
+    limit: u64,
+    drain: &AtomicBool,
+) -> (Result<Unpacked, rootfs::UnpackError>, u64) {
+    let mut input = Counted(input, 0);
+    let r = rootfs::unpack(root, &mut input, limit).and_then(|u| {
+        std::io::copy(&mut input, &mut std::io::sink())
+            .map(|_| u)
+            .map_err(rootfs::UnpackError::Read)
+    });
+    if r.is_err() {
+        drain.store(true, Ordering::Release);
+    }
+    (r, input.1)
+}
+
+/// A reader that counts the bytes read through it.
+struct Counted<R>(R, u64);
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.0.read(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+}
+
+/// What a deploy's file holds, told from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content {
+    /// A disk or partition image, written block for block.
+    Image,
+    /// A rootfs tarball, unpacked into a fresh filesystem.
+    Tarball,
+}
+
+/// Bytes looked at to tell a tarball from an image (a compressed file's
+/// first tar header needs a few KiB at most).
+const SNIFF: u64 = 64 << 10;
+
+/// Reads the start of `source` to tell what it holds, and gives back a
+/// reader of the whole file (a read error is replayed in its place, so the
+/// pipeline reports it as it would any other).
+pub fn sniff(mut source: impl Read, compression: Compression) -> (impl Read, Content) {
+    let mut head = Vec::new();
+    let error = source.by_ref().take(SNIFF).read_to_end(&mut head).err();
+    let content = if error.is_none() && compression.resolve(&head).is_tarball(&head) {
+        Content::Tarball
+    } else {
+        Content::Image
+    };
+    let replay = Replay {
+        head: std::io::Cursor::new(head),
+        error,
+        rest: source,
+    };
+    (replay, content)
+}
+
+/// The sniffed start, then a read error if there was one, then the rest.
+struct Replay<R> {
+    head: std::io::Cursor<Vec<u8>>,
+    error: Option<std::io::Error>,
+    rest: R,
+}
+
+impl<R: Read> Read for Replay<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.head.read(buf)?;
+        if n > 0 || buf.is_empty() {
+            return Ok(n);
+        }
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        self.rest.read(buf)
+    }
+}
+
+/// Zeroes the start of the partition so nothing boots a half-written image
+/// (for a filesystem, its superblock).
+///
+/// # Errors
+/// When writing or syncing fails.
+pub fn invalidate(target: &WriteTarget) -> std::io::Result<()> {
     let n = INVALIDATE.min(target.capacity) as usize;
     target.file.write_all_at(&vec![0u8; n], 0)?;
     target.file.sync_all()

@@ -15,7 +15,9 @@ use nix::mount::{mount, umount, MsFlags};
 use serde::Deserialize;
 
 use super::mountinfo::{self, Mount};
-use super::{Mounted, PartitionInfo, Platform, PlatformError, WriteTarget};
+use super::{
+    MkfsConfig, Mounted, NewFilesystem, PartitionInfo, Platform, PlatformError, WriteTarget,
+};
 
 /// Settings of the Linux platform.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub struct LinuxConfig {
     pub dev: PathBuf,
     /// What is mounted (read fail-closed before every write or mount).
     pub mountinfo: PathBuf,
+    /// How a rootfs tarball's filesystem is made.
+    pub mkfs: MkfsConfig,
 }
 
 impl Default for LinuxConfig {
@@ -41,6 +45,7 @@ impl Default for LinuxConfig {
             sysfs_block: "/sys/class/block".into(),
             dev: "/dev".into(),
             mountinfo: "/proc/self/mountinfo".into(),
+            mkfs: MkfsConfig::default(),
         }
     }
 }
@@ -265,6 +270,17 @@ impl Platform for LinuxPlatform {
                 })
             }),
         ))
+    }
+
+    fn make_filesystem(&self, name: &str) -> Result<NewFilesystem, PlatformError> {
+        // The same checks as a write; the exclusive open is closed again
+        // before mkfs, which opens the device exclusively itself.
+        let target = self.open_for_write(name)?;
+        let (capacity, node) = (target.capacity, target.path.clone());
+        drop(target);
+        self.config.mkfs.run(&[], &node)?;
+        let mounted = self.mount(name, true)?;
+        Ok(NewFilesystem { mounted, capacity })
     }
 
     fn reboot(&self) -> Result<(), PlatformError> {

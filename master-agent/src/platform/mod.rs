@@ -5,9 +5,14 @@
 //! logic (deploy, install, results) is the same code on both. All methods
 //! block; callers run them on blocking threads.
 
+use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde::Deserialize;
 
 pub mod linux;
 pub mod mountinfo;
@@ -65,6 +70,93 @@ impl WriteTarget {
                 | nix::errno::Errno::EINVAL,
             ) => Ok(false),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A fresh filesystem made on a partition, mounted writable.
+pub struct NewFilesystem {
+    /// Where to fill it; unmounting finishes it.
+    pub mounted: Mounted,
+    /// The partition's size: the most a rootfs may unpack to.
+    pub capacity: u64,
+}
+
+/// How a filesystem is made on a partition: the master image's mkfs.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MkfsConfig {
+    /// The program and its arguments; the device (or file) is appended.
+    pub command: Vec<String>,
+    /// How long it may run.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for MkfsConfig {
+    fn default() -> Self {
+        MkfsConfig {
+            command: ["mkfs.ext4", "-F", "-q"].map(String::from).to_vec(),
+            timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl MkfsConfig {
+    /// Runs the mkfs command with `extra` arguments on `device`, killing it
+    /// at its timeout.
+    ///
+    /// # Errors
+    /// It could not start, failed (its stderr in the message) or timed out.
+    pub fn run(&self, extra: &[&OsStr], device: &Path) -> Result<(), PlatformError> {
+        let fail = |why: String| PlatformError::Io {
+            what: "making a filesystem on",
+            path: device.into(),
+            source: std::io::Error::other(why),
+        };
+        let (program, args) = self
+            .command
+            .split_first()
+            .ok_or_else(|| fail("the mkfs command is empty".into()))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .args(extra)
+            .arg(device)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("starting {program}: {e}")))?;
+        // stderr is read on its own thread so a chatty mkfs cannot block on a full pipe.
+        let mut stderr = child.stderr.take();
+        let said = std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(e) = stderr.as_mut() {
+                let _ = e.take(64 << 10).read_to_string(&mut text);
+            }
+            text
+        });
+        let deadline = std::time::Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if std::time::Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(fail(format!(
+                        "{program} did not finish within {}",
+                        humantime::format_duration(self.timeout)
+                    )));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(fail(format!("waiting for {program}: {e}"))),
+            }
+        };
+        let said = said.join().unwrap_or_default();
+        if status.success() {
+            Ok(())
+        } else {
+            Err(fail(format!("{program} {status}: {}", said.trim())))
         }
     }
 }
@@ -215,6 +307,13 @@ pub trait Platform: Send + Sync + 'static {
     /// # Errors
     /// Unknown or unmountable partition, or the mount failed.
     fn mount(&self, name: &str, writable: bool) -> Result<Mounted, PlatformError>;
+    /// Makes a fresh filesystem on a partition that may be written (the
+    /// checks of [`Platform::open_for_write`]) and mounts it writable, for
+    /// a rootfs tarball to be unpacked into.
+    ///
+    /// # Errors
+    /// As `open_for_write`, or mkfs or the mount failed.
+    fn make_filesystem(&self, name: &str) -> Result<NewFilesystem, PlatformError>;
     /// Restarts the board; returns only on failure.
     ///
     /// # Errors

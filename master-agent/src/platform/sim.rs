@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{mountinfo, Mounted, PartitionInfo, Platform, PlatformError, WriteTarget};
+use super::{
+    mountinfo, MkfsConfig, Mounted, NewFilesystem, PartitionInfo, Platform, PlatformError,
+    WriteTarget,
+};
 
 /// One simulated partition.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -32,6 +35,10 @@ pub struct SimConfig {
     /// real one; without it nothing is mounted.
     #[serde(default)]
     pub mountinfo: Option<PathBuf>,
+    /// How a rootfs tarball's filesystem is made: the host's mkfs, run on
+    /// the partition file with `-d` (filled from a staging folder).
+    #[serde(default)]
+    pub mkfs: MkfsConfig,
 }
 
 /// The simulated platform.
@@ -158,6 +165,36 @@ impl Platform for SimPlatform {
                 why: "on the simulated board only folder partitions hold filesystems".into(),
             }),
         }
+    }
+
+    /// A file partition cannot be mounted without privileges: the tarball
+    /// is unpacked into a staging folder beside it, and "unmounting" makes
+    /// the filesystem on the file from that folder (`mkfs -d`), then
+    /// removes the folder.
+    fn make_filesystem(&self, name: &str) -> Result<NewFilesystem, PlatformError> {
+        let target = self.open_for_write(name)?;
+        let (capacity, file) = (target.capacity, target.path.clone());
+        drop(target);
+        let staging = PathBuf::from(format!("{}.rootfs", file.display()));
+        match std::fs::remove_dir_all(&staging) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PlatformError::io("removing", &staging)(e))
+            }
+            _ => {}
+        }
+        std::fs::create_dir(&staging).map_err(PlatformError::io("creating", &staging))?;
+        let mkfs = self.config.mkfs.clone();
+        let at = staging.clone();
+        let mounted = Mounted::new(
+            staging,
+            Box::new(move || {
+                let made = mkfs.run(&["-d".as_ref(), at.as_os_str()], &file);
+                let removed =
+                    std::fs::remove_dir_all(&at).map_err(PlatformError::io("removing", &at));
+                made.and(removed)
+            }),
+        );
+        Ok(NewFilesystem { mounted, capacity })
     }
 
     fn reboot(&self) -> Result<(), PlatformError> {
