@@ -203,6 +203,7 @@ impl Session {
                 .filter(|b| crate::job::is_url(b))
                 .unwrap_or_default(),
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            verify_readback: entry.verify == crate::job::Verify::Readback,
         };
         if let Some(url) = entry.url() {
             // The board downloads it: the stream carries the header only.
@@ -269,8 +270,10 @@ impl Session {
         }
         match result {
             Ok(r) => Ok(r.into_inner()),
+            // The file is what the job says: what failed is the transfer or
+            // the board's medium (read back), the lab's side either way.
             Err(s) if s.code() == Code::DataLoss => Err(Failure::infra(format!(
-                "image {} was corrupted in transfer (it matches the job's sha256 here): {}",
+                "image {} failed verification on the board (it matches the job's sha256 here): {}",
                 path.display(),
                 s.message()
             ))),

@@ -120,6 +120,17 @@ pub enum Compression {
     Zstd,
 }
 
+/// How much of a deploy is checked beyond the file's sha256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verify {
+    /// The file as received (its sha256) and each bmap range as written.
+    #[default]
+    Stream,
+    /// Also read the written image back from the partition and check it.
+    Readback,
+}
+
 /// Whether a job's `image:` or `bmap:` names an http(s) URL (the board
 /// pulls it) rather than a file (the dispatcher streams it).
 pub fn is_url(s: &str) -> bool {
@@ -149,6 +160,9 @@ pub struct DeployEntry {
     /// or an http(s) URL the board fetches.
     #[serde(default)]
     pub bmap: Option<String>,
+    /// `readback`: the board reads the written image back and checks it.
+    #[serde(default)]
+    pub verify: Verify,
 }
 
 impl DeployEntry {

@@ -71,6 +71,7 @@ fn ferry(platform: &SimPlatform, input: &Path, bmap: Option<&Bmap>) -> f64 {
         compression: Compression::Detect,
         source_size: std::fs::metadata(input).expect("meta").len(),
         bmap: bmap.cloned(),
+        readback: false,
     };
     let file = std::fs::File::open(input).expect("open");
     deploy::write_image(file, target, &spec).expect("deploy");
@@ -129,6 +130,7 @@ fn main() {
         partitions: [("part".to_string(), SimPartition::File(part.clone()))].into(),
         mountinfo: None,
         mkfs: Default::default(),
+        readback_fault: None,
     };
     let platform = SimPlatform::new(sim, "bootsel".into());
     let p = part.display();

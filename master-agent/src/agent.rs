@@ -636,6 +636,7 @@ mod tests {
             .into(),
             mountinfo: None,
             mkfs: Default::default(),
+            readback_fault: None,
         };
         let text =
             "test_agent_bundle: none\nallowed_partitions: [testrootfs, disk]\nplatform: {linux: {}}\n\
@@ -790,6 +791,7 @@ mod tests {
             compression: deploy::Compression::Detect,
             source_size: 0,
             bmap: None,
+            readback: false,
         }
     }
 

@@ -38,9 +38,9 @@ impl From<AgentError> for Status {
             },
             AgentError::Deploy(d) => match d {
                 DeployError::TooLarge { .. } => Status::out_of_range(msg),
-                DeployError::Checksum { .. } | DeployError::RangeChecksum { .. } => {
-                    Status::data_loss(msg)
-                }
+                DeployError::Checksum { .. }
+                | DeployError::RangeChecksum { .. }
+                | DeployError::Readback { .. } => Status::data_loss(msg),
                 DeployError::Corrupt { .. }
                 | DeployError::Bmap { .. }
                 | DeployError::Rootfs { .. } => Status::invalid_argument(msg),
@@ -193,6 +193,7 @@ impl MasterAgent for Service {
             compression: compression(h.compression),
             source_size: h.source_size,
             bmap,
+            readback: h.verify_readback,
         };
         tracing::info!(partition = %spec.partition, source = %h.source_name, url = %h.url, "deploy");
         if !h.url.is_empty() {

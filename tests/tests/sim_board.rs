@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_tests::{r, smoke_job_results, workspace, Run, SimBoard};
+use ferry_tests::{bin, r, smoke_job_results, workspace, Run, SimBoard};
 use sha2::{Digest, Sha256};
 
 #[test]
@@ -268,6 +268,65 @@ fn an_image_that_does_not_match_its_sha256_is_a_job_error_and_never_booted() {
         "the partition is invalidated, not half-written"
     );
     assert!(!board.powered());
+}
+
+#[test]
+fn a_medium_that_changes_a_byte_fails_readback_before_any_boot_naming_both_hashes() {
+    let board = SimBoard::new();
+    let prepared = Command::new(bin("ferry-sim-board"))
+        .arg("--board")
+        .arg(&board.board)
+        .arg("prepare")
+        .status()
+        .expect("ferry-sim-board prepare");
+    assert!(prepared.success());
+    // The simulated medium flips a byte after the image is written and synced.
+    let config = board.board.join("master-agent.yaml");
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    std::fs::write(&config, format!("{text}    readback_fault: 5000\n")).expect("agent config");
+    let image = workspace().join("examples/jobs/images/firmware.img.gz");
+    let decoded = {
+        use std::io::Read;
+        let mut d = flate2::read::GzDecoder::new(std::fs::File::open(&image).expect("image"));
+        let mut v = Vec::new();
+        d.read_to_end(&mut v).expect("gunzip");
+        v
+    };
+    let decoded_sha = ferry_proto::hex(&Sha256::digest(&decoded));
+    let job = board.job(
+        "readback.yaml",
+        &format!(
+            "job: readback\ndeploy:\n  - image: {}\n    to: firmware\n    sha256: 55376c69c6e130098e3bb28ef20af97ef9a78f720015cc5d216dae90d85865ca\n    verify: readback\ntest:\n  definitions:\n    - path: {}\n",
+            image.display(),
+            workspace().join("examples/jobs/defs/smoke.yaml").display()
+        ),
+    );
+    let run = board.run(&job);
+    let msg = run.expect_outcome("infrastructure-error");
+    assert!(msg.contains("read back"), "{msg}");
+    assert!(
+        msg.contains(&decoded_sha),
+        "the written image's hash: {msg}"
+    );
+    let actual = msg
+        .split("has sha256 ")
+        .nth(1)
+        .and_then(|s| s.get(..64))
+        .unwrap_or_default();
+    assert!(
+        ferry_proto::is_sha256(actual) && actual != decoded_sha,
+        "the read-back hash: {msg}"
+    );
+    assert_eq!(
+        run.boot_roles(),
+        ["master"],
+        "the test image must not be booted"
+    );
+    let part = std::fs::read(board.board.join("parts/firmware")).expect("partition");
+    assert!(
+        part[..1 << 20].iter().all(|b| *b == 0),
+        "the partition is invalidated"
+    );
 }
 
 #[test]

@@ -49,6 +49,9 @@ pub struct ImageSpec {
     pub source_size: u64,
     /// The image's block map: only its ranges are written, each verified.
     pub bmap: Option<Bmap>,
+    /// Read the written image back from the partition (past the page
+    /// cache) and check it: its sha256, or each bmap range's checksum.
+    pub readback: bool,
 }
 
 /// What was written.
@@ -113,6 +116,18 @@ pub enum DeployError {
         partition: String,
         /// How.
         why: String,
+    },
+    /// What was read back from the partition is not what was written.
+    #[error("read back from partition {partition:?}, {what} has sha256 {actual}, {expected} was written; partition invalidated")]
+    Readback {
+        /// The partition.
+        partition: String,
+        /// The image, or which bmap range.
+        what: String,
+        /// The checksum of what was written.
+        expected: String,
+        /// The checksum of what was read back.
+        actual: String,
     },
     /// A rootfs tarball that cannot be unpacked inside its filesystem.
     #[error("rootfs tarball for {partition:?}: {source}; partition invalidated")]
@@ -379,6 +394,10 @@ fn pipeline(
         let early = stated.filter(|s| *s > target.capacity).map(too_large);
 
         let mut placer = Placer::new(target, partition, spec.bmap.as_ref());
+        // Readback of a decoded image needs its hash (a raw one's is the file's).
+        let mut decoded_hash =
+            (spec.readback && spec.bmap.is_none() && compression != Compression::None)
+                .then(Sha256::new);
         let (placed, decoded) = match (early, compression) {
             (Some(e), _) => {
                 drop(raw_rx);
@@ -404,6 +423,9 @@ fn pipeline(
                 let decoder =
                     scope.spawn(move || decode_stage(input, c, dec_tx, decode_pool, drain));
                 let placed = dec_rx.iter().try_for_each(|b| {
+                    if let Some(h) = decoded_hash.as_mut() {
+                        h.update(&b);
+                    }
                     let r = placer.put(&b);
                     let _ = decode_pool.give.try_send(b);
                     r
@@ -426,18 +448,24 @@ fn pipeline(
             }))
         });
 
-        (
-            verdict(
-                spec,
-                compression,
-                image,
-                read,
-                placed,
-                decoded,
-                Some(target),
-            ),
-            touched,
-        )
+        let result = verdict(
+            spec,
+            compression,
+            image,
+            read,
+            placed,
+            decoded,
+            Some(target),
+        );
+        let result = result.and_then(|w| {
+            if spec.readback {
+                let expected = decoded_hash
+                    .map_or_else(|| w.sha256.clone(), |h| ferry_proto::hex(&h.finalize()));
+                read_back(target, spec, w.image, &expected)?;
+            }
+            Ok(w)
+        });
+        (result, touched)
     })
 }
 
@@ -521,6 +549,87 @@ fn verdict(
             compression,
         })
     }
+}
+
+/// Reads the image back from the partition, past the page cache, and
+/// checks it: the whole image against `expected` (its sha256), or with a
+/// bmap each mapped range against its checksum.
+fn read_back(
+    target: &WriteTarget,
+    spec: &ImageSpec,
+    image: u64,
+    expected: &str,
+) -> Result<(), DeployError> {
+    let io_err = |source| DeployError::Write {
+        path: target.path.clone(),
+        source,
+    };
+    if let Some(at) = target.readback_fault {
+        let mut b = [0u8; 1];
+        target.file.read_exact_at(&mut b, at).map_err(io_err)?;
+        target
+            .file
+            .write_all_at(&[b[0] ^ 0xff], at)
+            .map_err(io_err)?;
+        target.file.sync_all().map_err(io_err)?;
+    }
+    // Written pages are clean after the sync: dropping them makes the
+    // reads below come from the medium.
+    let _ = nix::fcntl::posix_fadvise(
+        &target.file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+    let mut buf = vec![0u8; BLOCK];
+    let mut hash_range = |start: u64, end: u64, h: &mut dyn FnMut(&[u8])| {
+        let mut at = start;
+        while at < end {
+            let n = BLOCK.min((end - at) as usize);
+            target
+                .file
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(io_err)?;
+            h(&buf[..n]);
+            at += n as u64;
+        }
+        Ok::<(), DeployError>(())
+    };
+    let mismatch = |what: String, expected: &str, actual: String| DeployError::Readback {
+        partition: spec.partition.clone(),
+        what,
+        expected: expected.into(),
+        actual,
+    };
+    match &spec.bmap {
+        None => {
+            let mut h = Sha256::new();
+            hash_range(0, image, &mut |b| h.update(b))?;
+            let actual = ferry_proto::hex(&h.finalize());
+            if !actual.eq_ignore_ascii_case(expected) {
+                return Err(mismatch(
+                    format!("the image ({image} bytes)"),
+                    expected,
+                    actual,
+                ));
+            }
+        }
+        Some(bmap) => {
+            let mut h = bmap::RangeHasher::new(bmap.kind);
+            for r in &bmap.ranges {
+                hash_range(r.start, r.end, &mut |b| h.update(b))?;
+                let actual = h.finish();
+                if actual != r.checksum {
+                    return Err(mismatch(
+                        format!("bmap range {}..{}", r.start, r.end),
+                        &r.checksum,
+                        actual,
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Unpacks the rootfs tarball read from `source` (compressed or not) into
@@ -738,6 +847,7 @@ mod tests {
                 file,
                 capacity: size,
                 path: path.clone(),
+                readback_fault: None,
             },
             path,
         )
@@ -750,6 +860,7 @@ mod tests {
             compression: Compression::Detect,
             source_size,
             bmap: None,
+            readback: false,
         }
     }
 
@@ -928,6 +1039,50 @@ mod tests {
             .expect("read")
             .iter()
             .all(|b| *b == 0xee));
+    }
+
+    #[test]
+    fn readback_passes_a_good_write_and_catches_a_flipped_byte_naming_both_hashes() {
+        let img = holey();
+        let text = bmap::tests::make(&img, 4096, &[(0, 48), (146, 219), (317, 659)]);
+        let map = Bmap::parse(&text).expect("bmap");
+        for (name, source, bmap) in [
+            ("raw", img.clone(), None),
+            ("gzip", gz(&img), None),
+            ("zstd+bmap", zst(&img), Some(map)),
+        ] {
+            let dir = tempfile::tempdir().expect("tmp");
+            let mut s = spec(sha(&source), 0);
+            s.readback = true;
+            s.bmap = bmap;
+            let (t, _) = target(&dir, 4_000_000, 0xee);
+            write_image(Cursor::new(&source), t, &s).expect(name);
+
+            // The medium changes a byte inside the data (a mapped range).
+            let (mut t, path) = target(&dir, 4_000_000, 0xee);
+            t.readback_fault = Some(150 * 4096 + 7);
+            let err = write_image(Cursor::new(&source), t, &s).expect_err(name);
+            let DeployError::Readback {
+                expected, actual, ..
+            } = &err
+            else {
+                panic!("{name}: {err}");
+            };
+            assert_ne!(expected, actual);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(expected.as_str()) && msg.contains(actual.as_str()),
+                "{msg}"
+            );
+            if s.bmap.is_none() {
+                assert_eq!(*expected, sha(&img), "{name}: the decoded image's hash");
+            }
+            let on_disk = std::fs::read(path).expect("read");
+            assert!(
+                on_disk[..INVALIDATE as usize].iter().all(|b| *b == 0),
+                "{name}: invalidated"
+            );
+        }
     }
 
     #[test]

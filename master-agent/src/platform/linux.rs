@@ -228,6 +228,7 @@ impl Platform for LinuxPlatform {
             file,
             capacity: part.size,
             path: part.node,
+            readback_fault: None,
         })
     }
 

@@ -40,6 +40,10 @@ pub struct WriteTarget {
     pub capacity: u64,
     /// Where it is, for messages.
     pub path: PathBuf,
+    /// Test fault (the simulated board's `readback_fault`): the byte at
+    /// this offset is flipped after the image is synced and before it is
+    /// read back, as failing media would.
+    pub readback_fault: Option<u64>,
 }
 
 impl WriteTarget {

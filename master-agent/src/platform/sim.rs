@@ -39,6 +39,10 @@ pub struct SimConfig {
     /// the partition file with `-d` (filled from a staging folder).
     #[serde(default)]
     pub mkfs: MkfsConfig,
+    /// Test fault: flip the byte at this offset of a deployed image after
+    /// it is written and synced, before `verify: readback` reads it.
+    #[serde(default)]
+    pub readback_fault: Option<u64>,
 }
 
 /// The simulated platform.
@@ -134,6 +138,7 @@ impl Platform for SimPlatform {
                     file,
                     capacity,
                     path: path.clone(),
+                    readback_fault: self.config.readback_fault,
                 })
             }
             SimPartition::Dir(_) => Err(PlatformError::Protected {
