@@ -58,7 +58,7 @@ pub async fn authenticate(
     let rpc = device.timeouts.rpc;
     let addr = a
         .addr
-        .ok_or_else(|| Failure::infra("master announcement without an address"))?;
+        .ok_or_else(|| Failure::agent("master announcement without an address"))?;
     let token = new_token();
     let line = TokenLine {
         boot: a.boot.clone(),
@@ -87,7 +87,7 @@ pub async fn authenticate(
                     "platform": info.platform, "state": info.state, "test_agent_version": info.test_agent_version,
                     "partitions": info.partitions.iter().map(|p| json!({"name": p.name, "size": p.size_bytes, "deployable": p.deployable})).collect::<Vec<_>>() }));
                 if info.boot_id != a.boot {
-                    return Err(Failure::infra(format!(
+                    return Err(Failure::agent(format!(
                         "agent at {addr} is boot {}, not the announced {}",
                         info.boot_id, a.boot
                     )));

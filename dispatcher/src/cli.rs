@@ -190,9 +190,10 @@ pub fn main() -> ExitCode {
                     return crate::runs::repeat(&job, &device, &output, n, opts).await;
                 }
                 let Some(device) = device.first().cloned() else {
-                    return crate::outcome::Outcome::from(crate::outcome::Failure::job(
-                        "no --device given",
-                    ));
+                    return crate::outcome::Outcome::of(
+                        crate::outcome::Phase::Setup,
+                        crate::outcome::Failure::job("no --device given"),
+                    );
                 };
                 // A panic outside the job's steps (which run::run catches
                 // itself) still powers the board off and writes the outcome.

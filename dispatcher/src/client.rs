@@ -22,7 +22,7 @@ use tonic::{Code, Request, Status};
 use crate::device::Timeouts;
 use crate::job::{Compression, DeployEntry};
 use crate::netns;
-use crate::outcome::Failure;
+use crate::outcome::{Failure, Kind};
 use crate::tls::{self, PinnedCert};
 
 /// Size of the chunks images are streamed in.
@@ -37,8 +37,9 @@ pub struct Session {
     keepalive: Duration,
 }
 
-/// Maps a refused call to an outcome class, in one place: the agent refuses
-/// bad input with input codes (the job's fault), anything else is the lab's.
+/// Maps a refused call to a failure kind: the agent refuses bad input with
+/// input codes ([`Kind::Refused`]; `outcome::class` says whose fault that is
+/// in each phase), anything else is the agent's or the network's.
 pub fn failure(what: &str, status: &Status) -> Failure {
     let message = format!("{what}: {} ({:?})", status.message(), status.code());
     match status.code() {
@@ -46,8 +47,8 @@ pub fn failure(what: &str, status: &Status) -> Failure {
         | Code::NotFound
         | Code::OutOfRange
         | Code::PermissionDenied
-        | Code::DataLoss => Failure::job(message),
-        _ => Failure::infra(message),
+        | Code::DataLoss => Failure::new(Kind::Refused, message),
+        _ => Failure::agent(message),
     }
 }
 
@@ -73,9 +74,9 @@ pub async fn channel(
     let rpc = timeouts.rpc;
     let addr = a
         .addr
-        .ok_or_else(|| Failure::infra("master announcement without an address"))?;
+        .ok_or_else(|| Failure::agent("master announcement without an address"))?;
     let cert = a.cert.as_deref().ok_or_else(|| {
-        Failure::infra(format!(
+        Failure::agent(format!(
             "the master announcement of boot {} has no certificate fingerprint (cert=): \
              the master agent is older than TLS support, or the line is not its own",
             a.boot
@@ -84,7 +85,7 @@ pub async fn channel(
     let pin = PinnedCert::new(cert);
     let tls = ClientTlsConfig::new().domain_name(tls::SERVER_NAME);
     let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-        .map_err(|e| Failure::infra(format!("agent address {addr}: {e}")))?
+        .map_err(|e| Failure::agent(format!("agent address {addr}: {e}")))?
         .connect_timeout(rpc)
         // A board that stops answering (hung, powered off, cable pulled)
         // leaves the connection open: HTTP/2 pings find out.
@@ -92,7 +93,7 @@ pub async fn channel(
         .keep_alive_timeout(timeouts.keepalive / 2)
         .keep_alive_while_idle(true)
         .tls_config_with_verifier(tls, pin.clone())
-        .map_err(|e| Failure::infra(format!("TLS configuration: {e}")))?;
+        .map_err(|e| Failure::agent(format!("TLS configuration: {e}")))?;
     // The board's link may come up a moment after the agent announces:
     // retry refused or unreachable connections until the deadline.
     let deadline = tokio::time::Instant::now() + rpc;
@@ -109,14 +110,14 @@ pub async fn channel(
         match endpoint.connect_with_connector(connector).await {
             Ok(channel) => return Ok(channel),
             Err(_) if pin.refused().is_some() => {
-                return Err(Failure::infra(format!(
+                return Err(Failure::agent(format!(
                     "the agent at {addr} presented certificate sha256:{}, not sha256:{cert} \
                      as announced on the console: refused",
                     pin.refused().unwrap_or_default()
                 )));
             }
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(Failure::infra(format!(
+                return Err(Failure::agent(format!(
                     "cannot connect to the master agent at {addr}: {e}"
                 )));
             }
@@ -140,7 +141,7 @@ impl Session {
         let channel = channel(a, namespace, timeouts).await?;
         let bearer: MetadataValue<_> = ferry_proto::bearer(token)
             .parse()
-            .map_err(|_| Failure::infra("token is not valid metadata"))?;
+            .map_err(|_| Failure::agent("token is not valid metadata"))?;
         let auth: Auth = Box::new(move |mut req: Request<()>| {
             req.metadata_mut()
                 .insert(ferry_proto::AUTH_METADATA_KEY, bearer.clone());
@@ -258,7 +259,7 @@ impl Session {
             .await;
         let local = reader
             .await
-            .map_err(|e| Failure::infra(format!("image reader: {e}")))?;
+            .map_err(|e| Failure::agent(format!("image reader: {e}")))?;
         let local =
             local.map_err(|e| Failure::job(format!("reading image {}: {e}", path.display())))?;
         if !local.is_empty() && !local.eq_ignore_ascii_case(&entry.sha256) {
@@ -272,7 +273,7 @@ impl Session {
             Ok(r) => Ok(r.into_inner()),
             // The file is what the job says: what failed is the transfer or
             // the board's medium (read back), the lab's side either way.
-            Err(s) if s.code() == Code::DataLoss => Err(Failure::infra(format!(
+            Err(s) if s.code() == Code::DataLoss => Err(Failure::agent(format!(
                 "image {} failed verification on the board (it matches the job's sha256 here): {}",
                 path.display(),
                 s.message()
@@ -418,11 +419,11 @@ impl Session {
         // next idle limit or the overall deadline, whichever comes first.
         let stalled = |what: &str| {
             if tokio::time::Instant::now() >= deadline {
-                Failure::infra(format!(
+                Failure::agent(format!(
                     "fetching results did not finish within {timeout:?} ({what})"
                 ))
             } else {
-                Failure::infra(format!(
+                Failure::agent(format!(
                     "the board sent no results for {idle:?} while fetching them ({what})"
                 ))
             }
@@ -437,7 +438,7 @@ impl Session {
         .map_err(|s| failure("FetchResults", &s))?
         .into_inner();
         std::fs::create_dir_all(dir)
-            .map_err(|e| Failure::infra(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| Failure::agent(format!("creating {}: {e}", dir.display())))?;
         let mut fetched = Fetched::default();
         let mut current: Option<(String, std::fs::File)> = None;
         while let Some(chunk) = tokio::time::timeout_at(next_limit(), stream.message())
@@ -445,7 +446,7 @@ impl Session {
             .map_err(|_| stalled(&format!("{} file(s) complete", fetched.files.len())))?
             .map_err(|s| match s.code() {
                 // Not the agent's answer: the connection itself went.
-                Code::Unknown | Code::Unavailable | Code::Cancelled => Failure::infra(format!(
+                Code::Unknown | Code::Unavailable | Code::Cancelled => Failure::agent(format!(
                     "the connection to the board broke while fetching results \
                      ({} file(s) complete; a board silent for {:?} counts as dead): {}",
                     fetched.files.len(),
@@ -471,17 +472,17 @@ impl Session {
             // Names come from the board: a plain name only, never a path.
             let name = chunk.path;
             ferry_proto::names::check(&name)
-                .map_err(|e| Failure::infra(format!("agent sent a bad record file name: {e}")))?;
+                .map_err(|e| Failure::agent(format!("agent sent a bad record file name: {e}")))?;
             if current.as_ref().map(|(n, _)| n != &name).unwrap_or(true) {
                 let f = std::fs::File::create(dir.join(&name)).map_err(|e| {
-                    Failure::infra(format!("writing {}: {e}", dir.join(&name).display()))
+                    Failure::agent(format!("writing {}: {e}", dir.join(&name).display()))
                 })?;
                 current = Some((name.clone(), f));
             }
             if let Some((_, f)) = current.as_mut() {
                 use std::io::Write;
                 f.write_all(&chunk.data)
-                    .map_err(|e| Failure::infra(format!("writing {name}: {e}")))?;
+                    .map_err(|e| Failure::agent(format!("writing {name}: {e}")))?;
             }
             if chunk.eof {
                 if let Some((n, f)) = current.take() {

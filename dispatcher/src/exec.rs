@@ -123,10 +123,13 @@ async fn reach(
     let a = announcement(&mut console, events, &mut pinned, deadline)
         .await
         .ok_or_else(|| {
-            Failure::infra(format!(
-                "the master agent did not announce itself within {:?}",
-                device.timeouts.announce
-            ))
+            Failure::new(
+                crate::outcome::Kind::NoMaster,
+                format!(
+                    "the master agent did not announce itself within {:?}",
+                    device.timeouts.announce
+                ),
+            )
         })?;
     let session = board::authenticate(device, events, &mut console, &a).await?;
     Ok((console, session))

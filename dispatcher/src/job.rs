@@ -211,6 +211,9 @@ struct JobFile {
     #[serde(default)]
     quotas: Quotas,
     test: Option<TestSection>,
+    /// A health check: `outcome.json` says whether to take the board offline.
+    #[serde(default)]
+    health_check: bool,
 }
 
 /// A LAVA "Lava-Test Test Definition 1.0".
@@ -382,6 +385,8 @@ pub struct Job {
     pub plan: TestPlan,
     /// Things accepted but not acted on, for the log and summary.
     pub warnings: Vec<String>,
+    /// A health check: its outcome says whether the board should go offline.
+    pub health_check: bool,
 }
 
 fn scalar(v: &Value) -> Option<String> {
@@ -692,6 +697,7 @@ impl Job {
             });
         }
         Ok(Job {
+            health_check: file.health_check,
             name: file.job.clone(),
             path: path.into(),
             timeouts: file.timeouts,
@@ -817,7 +823,7 @@ mod tests {
         ];
         for (job, expected) in cases {
             let e = f.load(job).expect_err(job);
-            assert_eq!(e.class, crate::outcome::Class::JobError);
+            assert_eq!(e.kind, crate::outcome::Kind::JobInput);
             assert!(e.message.contains(expected), "{job}\n=> {}", e.message);
         }
     }

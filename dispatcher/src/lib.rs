@@ -6,8 +6,8 @@
 //! (with [`netns`] and [`tls`]) talk to the board; [`records`] streams the
 //! board's records back; [`events`] and [`report`] write the
 //! output folder ([`output`] the files schedulers read, [`timings`] the boot
-//! phases); [`outcome`] is
-//! the exit-code contract.
+//! phases; [`kernel_trouble`] the kernel's reports as results); [`outcome`]
+//! is the exit-code contract and decides every class.
 
 pub mod board;
 pub mod cli;
@@ -19,6 +19,7 @@ pub mod exec;
 pub mod git;
 pub mod job;
 pub mod jobs;
+pub mod kernel_trouble;
 pub mod lab;
 pub mod lava_job;
 pub mod lock;

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::outcome::{Class, Outcome};
+use crate::outcome::{Class, Health, Outcome, Verdict};
 use crate::report::{self, Counts, TestResult, LAVA_SUITE};
 use crate::timings::Phases;
 
@@ -45,6 +45,8 @@ pub struct Report<'a> {
     pub phases: Option<&'a Phases>,
     /// When the run started.
     pub started: SystemTime,
+    /// Every failure of the run and the health answer, once the job ran.
+    pub verdict: Option<(&'a Verdict, Health)>,
 }
 
 /// The files [`write`] produces, `outcome.json` last.
@@ -119,6 +121,8 @@ pub fn write(r: &Report) {
         "phases": r.phases,
         "results": { "pass": counts.pass, "fail": counts.fail, "skip": counts.skip, "unknown": counts.unknown },
         "warnings": r.warnings,
+        "failures": r.verdict.as_ref().map(|(v, _)| v.failures()),
+        "health": r.verdict.as_ref().map(|(_, h)| h),
     });
     let text = serde_json::to_string_pretty(&outcome).unwrap_or_default();
     let summary = summary(r);

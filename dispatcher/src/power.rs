@@ -34,19 +34,19 @@ pub async fn command(
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| Failure::infra(format!("power {what} command could not start: {e}: {cmd}")))?;
+        .map_err(|e| Failure::power(format!("power {what} command could not start: {e}: {cmd}")))?;
     let group = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
     let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Err(_) => {
             if let Some(g) = group {
                 let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
             }
-            return Err(Failure::infra(format!(
+            return Err(Failure::power(format!(
                 "power {what} command timed out after {timeout:?}: {cmd}"
             )));
         }
         Ok(Err(e)) => {
-            return Err(Failure::infra(format!(
+            return Err(Failure::power(format!(
                 "power {what} command failed to run: {e}: {cmd}"
             )))
         }
@@ -56,7 +56,7 @@ pub async fn command(
     let stderr = String::from_utf8_lossy(&out.stderr);
     events.event("power", json!({ "action": what, "exit_code": out.status.code(), "stdout": stdout, "stderr": stderr }));
     if !out.status.success() {
-        return Err(Failure::infra(format!(
+        return Err(Failure::power(format!(
             "power {what} command failed ({}): {cmd}: {}",
             out.status,
             stderr.trim()

@@ -32,6 +32,8 @@ pub struct Summary {
     pub warnings: Vec<String>,
     /// Bytes of test output read.
     pub output_bytes: u64,
+    /// Kernel trouble in the kernel messages (which are not kept).
+    pub kernel: crate::kernel_trouble::Scanner,
 }
 
 /// One definition's stream: its exact file, and the unfinished line.
@@ -125,7 +127,10 @@ impl Ingest<'_> {
         }
         self.events.event_at(from_micros(r.ts_us), "test", fields);
         match &r.body {
-            Body::Kernel { .. } => return,
+            Body::Kernel { line, .. } => {
+                self.summary.kernel.line(line);
+                return;
+            }
             Body::OutputDropped {
                 definition,
                 reason,

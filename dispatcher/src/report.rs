@@ -46,6 +46,9 @@ pub struct TestResult {
     /// A `lava` row of a definition from git: the commit it resolved to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit_id: Option<String>,
+    /// A `kernel` row: the first report's text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// The results of a run: every `lava-test-case`, then one `lava` result per
@@ -72,6 +75,7 @@ pub fn results(plan: &TestPlan, records: &[Record], plan_ran: bool) -> Vec<TestR
                 path: None,
                 revision: None,
                 commit_id: None,
+                message: None,
                 result: *result,
                 measurement: *measurement,
                 units: units.clone(),
@@ -116,31 +120,29 @@ pub fn results(plan: &TestPlan, records: &[Record], plan_ran: bool) -> Vec<TestR
                 &def.revision
             }),
             commit_id: git(&def.commit),
+            message: None,
         });
     }
     out
 }
 
-/// The outcome of a run the board aborted (`lava-test-raise` is a test
-/// error, deps the image cannot install a job error), from its first
-/// `aborted` record; the results before it are kept.
-pub fn aborted(records: &[Record]) -> Option<crate::outcome::Outcome> {
+/// The failure of a run the board aborted (`lava-test-raise`; deps the
+/// image cannot install are the job's input), from its first `aborted`
+/// record; the results before it are kept.
+pub fn aborted(records: &[Record]) -> Option<crate::outcome::Failure> {
+    use crate::outcome::{Failure, Kind};
     records.iter().find_map(|r| match &r.body {
         Body::Aborted {
             definition,
             class,
             message,
-        } => Some(crate::outcome::Outcome {
-            class: if class == "job-error" {
-                crate::outcome::Class::JobError
-            } else {
-                crate::outcome::Class::TestError
-            },
-            message: if class == "job-error" {
-                message.clone()
-            } else {
-                format!("lava-test-raise in definition {definition}: {message}")
-            },
+        } => Some(if class == "job-error" {
+            Failure::job(message.clone())
+        } else {
+            Failure::new(
+                Kind::Raised,
+                format!("lava-test-raise in definition {definition}: {message}"),
+            )
         }),
         _ => None,
     })

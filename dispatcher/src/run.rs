@@ -18,37 +18,11 @@ use crate::device::Device;
 use crate::events::EventLog;
 use crate::job::Job;
 use crate::lock::DeviceLock;
-use crate::outcome::{Class, Failure, Outcome};
+use crate::outcome::{Failure, Kind, Outcome, Phase, Verdict};
 use crate::output::{self, Boot};
 use crate::power;
 use crate::report;
 use crate::timings::Marks;
-
-/// Where the job is; decides the class of a job timeout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Power,
-    Boot,
-    Deploy,
-    Install,
-    Test,
-    Fetch,
-    Done,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Power => "power-on",
-            Phase::Boot => "waiting for the master agent",
-            Phase::Deploy => "deploy",
-            Phase::Install => "install",
-            Phase::Test => "test",
-            Phase::Fetch => "fetching results",
-            Phase::Done => "done",
-        }
-    }
-}
 
 /// What the run has learned so far; kept outside the job's future so a
 /// timeout or cancellation still writes it to the output folder.
@@ -71,6 +45,10 @@ struct Progress {
     marks: Marks,
     /// When kernels started on the console (kept if the console goes).
     kernels: Vec<KernelStarts>,
+    /// Every failure so far, with its phase: decides the outcome.
+    verdict: Verdict,
+    /// The first report of each kind of kernel trouble in the test boot's kernel log.
+    kernel_trouble: Vec<crate::kernel_trouble::Report>,
 }
 
 /// One job's run.
@@ -109,7 +87,11 @@ impl Ctx {
         });
     }
     fn phase(&self) -> Phase {
-        self.progress(|s| s.phase).flatten().unwrap_or(Phase::Power)
+        self.progress(|s| s.phase).flatten().unwrap_or(Phase::Setup)
+    }
+    /// Notes a failure in `phase` (the earliest one decides the outcome).
+    fn fail(&self, phase: Phase, f: Failure) {
+        self.progress(|s| s.verdict.note(phase, f));
     }
     /// Whether a master announcement names the pinned address (pinning it
     /// when nothing is pinned yet). Another address is never dialed: the
@@ -202,18 +184,21 @@ async fn wait_master_or_test(
 
 fn wait_failure(why: Interrupted, timeout: Duration) -> Failure {
     match why {
-        Interrupted::TestBoot => {
-            Failure::infra("the test image booted where the master image was expected")
-        }
-        Interrupted::Panic(line) => Failure::infra(format!(
-            "kernel panic while booting the master image: {line}"
-        )),
-        Interrupted::Closed(why) => Failure::infra(format!(
+        Interrupted::TestBoot => Failure::new(
+            Kind::UnexpectedTestBoot,
+            "the test image booted where the master image was expected",
+        ),
+        Interrupted::Panic(line) => Failure::new(
+            Kind::KernelPanic,
+            format!("kernel panic while booting the master image: {line}"),
+        ),
+        Interrupted::Closed(why) => Failure::console(format!(
             "console closed while waiting for the master agent: {why}"
         )),
-        Interrupted::Timeout => Failure::infra(format!(
-            "the master agent did not announce itself within {timeout:?}"
-        )),
+        Interrupted::Timeout => Failure::new(
+            Kind::NoMaster,
+            format!("the master agent did not announce itself within {timeout:?}"),
+        ),
     }
 }
 
@@ -280,52 +265,48 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
 
     ctx.set_phase(Phase::Test);
     let deadline = tokio::time::Instant::now() + ctx.job.timeouts.test;
-    // What went wrong in the test boot, found before the results are fetched.
-    let (back, mut problem) = match next_master(
-        ctx,
-        &mut console,
-        Some(&master.boot),
-        deadline,
-        false,
-    )
-    .await
-    {
-        Ok(back) => (back, None),
-        Err(Interrupted::Panic(line)) => {
-            let why = format!("kernel panic in the test image: {line}");
-            (
-                recover(ctx, &mut console, &master.boot, &why).await?,
-                Some(Failure::test(why)),
-            )
-        }
-        // (No TestBoot: this wait does not stop on one.)
-        Err(Interrupted::Timeout | Interrupted::TestBoot) => {
-            let why = format!(
-                "the test image did not return within the test timeout ({:?}); the board was hard reset",
-                ctx.job.timeouts.test
-            );
-            (
-                recover(ctx, &mut console, &master.boot, &why).await?,
-                Some(Failure::test(why)),
-            )
-        }
-        Err(Interrupted::Closed(reason)) => {
-            let why = format!(
-                "console closed during the test ({reason}); the board was hard reset to fetch the results"
-            );
-            (
-                recover(ctx, &mut console, &master.boot, &why).await?,
-                Some(Failure::infra(why)),
-            )
+    // What went wrong in the test boot is noted as it is found (it decides
+    // the outcome, whatever fetching the results then meets); getting the
+    // board back to its master image is the lab's part again.
+    let test_failed = |f: Failure| {
+        ctx.events.say("dispatcher", format!("{f}: hard reset"));
+        ctx.fail(Phase::Test, f);
+        ctx.set_phase(Phase::Fetch);
+    };
+    let back = match next_master(ctx, &mut console, Some(&master.boot), deadline, false).await {
+        Ok(back) => back,
+        Err(why) => {
+            test_failed(match why {
+                Interrupted::Panic(line) => Failure::new(
+                    Kind::KernelPanic,
+                    format!("kernel panic in the test image: {line}"),
+                ),
+                // (No TestBoot: this wait does not stop on one.)
+                Interrupted::Timeout | Interrupted::TestBoot => Failure::new(
+                    Kind::TestHung,
+                    format!(
+                        "the test image did not return within the test timeout ({:?}); the board was hard reset",
+                        ctx.job.timeouts.test
+                    ),
+                ),
+                Interrupted::Closed(reason) => Failure::console(format!(
+                    "console closed during the test ({reason}); the board was hard reset to fetch the results"
+                )),
+            });
+            reach_master(ctx, &mut console, Some(&master.boot), true).await?
         }
     };
 
     ctx.mark(|m| &mut m.back);
     fetch_records(ctx, &mut console, &back).await?;
+    judge_test_boot(ctx);
+    Ok(())
+}
 
-    // Whether the test image booted and finished is decided by the test
-    // agent's own records; its console announcement is only a hint (a lost
-    // or garbled line must not fail a job that ran).
+/// Whether the test image booted and finished is decided by the test
+/// agent's own records; its console announcement is only a hint (a lost or
+/// garbled line must not fail a job that ran).
+fn judge_test_boot(ctx: &Ctx) {
     let records = ctx.progress(|s| s.records.clone()).unwrap_or_default();
     let ran = records
         .iter()
@@ -333,35 +314,42 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     let announced = ctx
         .progress(|s| s.boots.iter().any(|b| b.role == Role::Test.as_str()))
         .unwrap_or(false);
-    if problem.is_none() && !ran {
-        problem = Some(Failure::test(if announced {
-            "the test agent announced itself but recorded nothing".to_string()
-        } else {
-            "the board came back to its master image without the test agent ever running"
-                .to_string()
-        }));
-    }
     if ran && !announced {
         ctx.events.say(
             "dispatcher",
             "the test agent's console announcement was not seen; its records show it ran",
         );
     }
-    if problem.is_none()
-        && !records
-            .iter()
-            .any(|r| matches!(r.body, Body::AgentFinished {}))
-    {
+    let finished = records
+        .iter()
+        .any(|r| matches!(r.body, Body::AgentFinished {}));
+    let problem = if let Some(f) = report::aborted(&records) {
+        f
+    } else if !ran {
+        Failure::new(
+            Kind::TestAgentMissing,
+            if announced {
+                "the test agent announced itself but recorded nothing"
+            } else {
+                "the board came back to its master image without the test agent ever running"
+            },
+        )
+    } else if !finished {
         let error = records.iter().find_map(|r| match &r.body {
             Body::AgentMessage { level, message } if level == "error" => Some(message.clone()),
             _ => None,
         });
-        problem = Some(Failure::test(match error {
-            Some(m) => format!("the test agent did not finish the plan: {m}"),
-            None => "the test agent did not finish the plan".into(),
-        }));
-    }
-    problem.map_or(Ok(()), Err)
+        Failure::new(
+            Kind::TestAgentUnfinished,
+            match error {
+                Some(m) => format!("the test agent did not finish the plan: {m}"),
+                None => "the test agent did not finish the plan".into(),
+            },
+        )
+    } else {
+        return;
+    };
+    ctx.fail(Phase::Test, problem);
 }
 
 /// Returns the test agent's records through the master agent of `back`.
@@ -458,7 +446,8 @@ async fn reach_master(
             other => return other.map_err(|(f, _)| f),
         }
     }
-    Err(Failure::infra(
+    Err(Failure::new(
+        Kind::UnexpectedTestBoot,
         "the board did not return to its master image",
     ))
 }
@@ -471,6 +460,7 @@ fn load_records(ctx: &Ctx, dir: &Path) {
     ctx.progress(|s| {
         s.records = summary.records;
         s.warnings.extend(summary.warnings);
+        s.kernel_trouble = summary.kernel.reports().to_vec();
     });
 }
 
@@ -491,10 +481,10 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 /// write the outcome, so the scheduler still gets an answer and a board that
 /// is off.
 pub async fn after_panic(device_path: &Path, out: &Path, e: tokio::task::JoinError) -> Outcome {
-    let outcome = Outcome::from(Failure::internal(format!(
-        "the dispatcher failed: {}",
-        panic_message(e)
-    )));
+    let outcome = Outcome::of(
+        Phase::Setup,
+        Failure::internal(format!("the dispatcher failed: {}", panic_message(e))),
+    );
     let Ok(events) = EventLog::append(out) else {
         return outcome;
     };
@@ -515,6 +505,7 @@ pub async fn after_panic(device_path: &Path, out: &Path, e: tokio::task::JoinErr
         results: &[],
         phases: None,
         started: SystemTime::now(),
+        verdict: None,
     });
     outcome
 }
@@ -558,23 +549,23 @@ pub async fn run(job_path: &Path, device_path: &Path, out: &Path) -> Outcome {
 pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Options) -> Outcome {
     let started = SystemTime::now();
     if let Err(e) = std::fs::create_dir_all(out).and_then(|()| output::clear(out)) {
-        return Outcome {
-            class: Class::JobError,
-            message: format!("output folder {}: {e}", out.display()),
-        };
+        return Outcome::of(
+            Phase::Setup,
+            Failure::job(format!("output folder {}: {e}", out.display())),
+        );
     }
     let events = match EventLog::create(out) {
         Ok(e) => Arc::new(e),
         Err(e) => {
-            return Outcome {
-                class: Class::JobError,
-                message: format!("output folder {}: {e}", out.display()),
-            }
+            return Outcome::of(
+                Phase::Setup,
+                Failure::job(format!("output folder {}: {e}", out.display())),
+            )
         }
     };
     let unstarted = |f: Failure, device: Option<&Device>| {
         events.say("dispatcher", &f.message);
-        let outcome = Outcome::from(f);
+        let outcome = Outcome::of(Phase::Setup, f);
         output::write(&output::Report {
             out,
             job: None,
@@ -585,6 +576,7 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
             results: &[],
             phases: None,
             started,
+            verdict: None,
         });
         outcome
     };
@@ -622,7 +614,7 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
     let lock = tokio::select! {
         l = DeviceLock::acquire(&device.name, &job.name, out, wait) => l,
         sig = cancelled() => {
-            return unstarted(Failure { class: Class::Canceled, message: format!("canceled by {sig} while waiting for device {}", device.name) }, Some(&device));
+            return unstarted(Failure::new(Kind::Canceled, format!("canceled by {sig} while waiting for device {}", device.name)), Some(&device));
         }
     };
     let lock = match lock {
@@ -633,7 +625,7 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
             lock
         }
         // Never power off a board another job is using.
-        Err(e) => return unstarted(Failure::infra(e.to_string()), Some(&device)),
+        Err(e) => return unstarted(Failure::new(Kind::DeviceBusy, e.to_string()), Some(&device)),
     };
     let ctx = Arc::new(Ctx {
         lock: Mutex::new(Some(lock)),
@@ -661,15 +653,17 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
                 ctx.phase().name(),
                 panic_message(e)
             ))),
-            Err(_) => {
-                let phase = ctx.phase();
-                let msg = format!("job timeout ({job_timeout:?}) reached during {}", phase.name());
-                Err(if phase == Phase::Test { Failure::test(msg) } else { Failure::infra(msg) })
-            }
+            Err(_) => Err(Failure::new(
+                Kind::JobTimeout,
+                format!("job timeout ({job_timeout:?}) reached during {}", ctx.phase().name()),
+            )),
         },
-        sig = cancelled() => Err(Failure { class: Class::Canceled, message: format!("canceled by {sig}") }),
+        sig = cancelled() => Err(Failure::new(Kind::Canceled, format!("canceled by {sig}"))),
     };
     task.abort();
+    if let Err(f) = &result {
+        ctx.fail(ctx.phase(), f.clone());
+    }
     // Ended while the board ran the test image: fetch what it recorded.
     if result.is_err() && ctx.phase() == Phase::Test {
         let d = &ctx.device;
@@ -679,35 +673,33 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
             + d.timeouts.rpc
             + d.timeouts.fetch;
         let salvaged = tokio::select! {
-            r = tokio::time::timeout(bound, salvage(&ctx)) => r.unwrap_or_else(|_| Err(Failure::infra(format!("fetching the records took longer than {bound:?}")))),
-            sig = cancelled() => Err(Failure::infra(format!("{sig} again: the records were not fetched"))),
+            r = tokio::time::timeout(bound, salvage(&ctx)) => r.unwrap_or_else(|_| Err(Failure::agent(format!("fetching the records took longer than {bound:?}")))),
+            sig = cancelled() => Err(Failure::new(Kind::Canceled, format!("{sig} again: the records were not fetched"))),
         };
         if let Err(f) = salvaged {
-            events.say(
-                "dispatcher",
+            let f = Failure::new(
+                f.kind,
                 format!(
                     "results recorded on the board could not be fetched: {}",
                     f.message
                 ),
             );
+            events.say("dispatcher", &f.message);
+            ctx.fail(Phase::Fetch, f);
         }
     }
-    ctx.set_phase(Phase::Done);
-    let mut outcome = match result {
-        Ok(()) => Outcome {
-            class: Class::Complete,
-            message: "job complete".into(),
-        },
-        Err(f) => Outcome::from(f),
-    };
+    ctx.set_phase(Phase::PowerOff);
     if let Err(f) = power::off(&ctx.device, &events).await {
         events.say("dispatcher", format!("power off failed: {}", f.message));
-        if outcome.class == Class::Complete {
-            outcome = Outcome {
-                class: Class::InfrastructureError,
-                message: format!("results complete, but {}", f.message),
-            };
-        }
+        let nothing_before = ctx
+            .progress(|s| s.verdict.failures().is_empty())
+            .unwrap_or(false);
+        let f = if nothing_before {
+            Failure::new(f.kind, format!("results complete, but {}", f.message))
+        } else {
+            f
+        };
+        ctx.fail(Phase::PowerOff, f);
     }
     let (records, boots, tested, learned) = ctx
         .progress(|s| {
@@ -720,12 +712,17 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
         })
         .unwrap_or_default();
     let warnings: Vec<String> = ctx.job.warnings.iter().cloned().chain(learned).collect();
-    if outcome.class == Class::Complete {
-        if let Some(aborted) = report::aborted(&records) {
-            outcome = aborted;
-        }
+    let trouble = ctx
+        .progress(|s| s.kernel_trouble.clone())
+        .unwrap_or_default();
+    if let Some(m) = crate::kernel_trouble::summary(&trouble) {
+        ctx.fail(Phase::Test, Failure::new(Kind::KernelTrouble, m));
     }
-    let results = report::results(&ctx.job.plan, &records, tested);
+    let verdict = ctx.progress(|s| s.verdict.clone()).unwrap_or_default();
+    let outcome = verdict.outcome();
+    let health = verdict.health(ctx.job.health_check);
+    let mut results = report::results(&ctx.job.plan, &records, tested);
+    results.extend(crate::kernel_trouble::results(&trouble));
     let (marks, consoles) = ctx
         .progress(|s| (s.marks.clone(), s.kernels.clone()))
         .unwrap_or_default();
@@ -733,7 +730,8 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
     let phases = marks.phases(&kernels, &records);
     events.event(
         "dispatcher",
-        json!({ "kind": "outcome", "class": outcome.class, "message": outcome.message }),
+        json!({ "kind": "outcome", "class": outcome.class, "message": outcome.message,
+            "failures": verdict.failures(), "health": health }),
     );
     output::write(&output::Report {
         out,
@@ -745,6 +743,7 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
         results: &results,
         phases: Some(&phases),
         started,
+        verdict: Some((&verdict, health)),
     });
     // The board is off and everything written: the next job may have it.
     if let Ok(mut l) = ctx.lock.lock() {

@@ -253,7 +253,7 @@ async fn a_stream_that_stalls_ends_at_the_idle_limit_keeping_what_arrived() {
         e.message
     );
     assert_eq!(
-        e.class,
+        e.class_in(ferry_dispatcher::outcome::Phase::Fetch),
         ferry_dispatcher::outcome::Class::InfrastructureError
     );
     kept(dir.path());
@@ -290,7 +290,7 @@ async fn a_board_that_stops_answering_is_found_dead_by_keepalive() {
     eprintln!("dead board found after {took:?}: {}", e.message);
     assert!(took < Duration::from_secs(15), "{took:?}");
     assert_eq!(
-        e.class,
+        e.class_in(ferry_dispatcher::outcome::Phase::Fetch),
         ferry_dispatcher::outcome::Class::InfrastructureError
     );
     kept(dir.path());

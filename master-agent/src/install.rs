@@ -200,8 +200,8 @@ pub fn bundle_version(bundle: &Path) -> Result<String, InstallError> {
 const SYSV_HOOK: &str = "etc/init.d/S99ferry-test-agent";
 const SYSV_SCRIPT: &str = r#"#!/bin/sh
 # Installed by ferry's master agent: runs the job's test plan, then reboots.
-# The simulated board sets FERRY_ROOT, FERRY_REBOOT and an empty FERRY_KMSG
-# (the host's kernel log is not the board's); a real board uses the defaults.
+# The simulated board sets FERRY_ROOT, FERRY_REBOOT and FERRY_KMSG (its own
+# kernel log, never the host's); a real board uses the defaults.
 case "${1:-start}" in start) ;; *) exit 0 ;; esac
 root="${FERRY_ROOT:-/}"
 kmsg="${FERRY_KMSG-/dev/kmsg}"

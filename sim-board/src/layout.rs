@@ -88,6 +88,12 @@ impl Layout {
     pub fn os_pgid_file(&self) -> PathBuf {
         self.dir.join("os.pgid")
     }
+    /// The test boot's kernel log: a FIFO the test agent reads as it reads
+    /// `/dev/kmsg` (`level,seq,usec,flags;text` lines); writing a line to it
+    /// is how a test makes the simulated kernel report something.
+    pub fn kmsg(&self) -> PathBuf {
+        self.dir.join("kmsg")
+    }
     /// The supervisor's control socket.
     pub fn control(&self) -> PathBuf {
         self.dir.join("control.sock")

@@ -77,6 +77,10 @@ pub fn run(layout: &Layout) -> Result<(), SupervisorError> {
     // Its own session: everything the board runs stays in it, so a reset can
     // stop all of it, as cutting power would.
     nix::unistd::setsid().map_err(sys("setsid"))?;
+    // And their reaper: a process that leaves the session (setsid) and
+    // whose parent exits is re-parented here, not to init, so a reboot
+    // still finds and ends it (a board has no process that outlives it).
+    nix::sys::prctl::set_child_subreaper(true).map_err(sys("PR_SET_CHILD_SUBREAPER"))?;
     let board = layout.load()?;
     let pty = openpty(None, None).map_err(sys("openpty"))?;
     let mut t = tcgetattr(&pty.slave).map_err(sys("tcgetattr"))?;
@@ -122,6 +126,7 @@ pub fn run(layout: &Layout) -> Result<(), SupervisorError> {
     let _ = std::fs::remove_file(layout.console());
     let _ = std::fs::remove_file(layout.control());
     let _ = std::fs::remove_file(layout.os_pgid_file());
+    let _ = std::fs::remove_file(layout.kmsg());
     drop(pty.slave);
     result
 }
@@ -179,10 +184,15 @@ fn boot_loop(
         boot += 1;
         banner(console, boot);
         let boot_id = uuid::Uuid::new_v4().to_string();
+        // Held open (read-write, so neither side ever sees an end) for as
+        // long as this boot runs: the boot's kernel log.
+        let _ = std::fs::remove_file(layout.kmsg());
+        let mut _kmsg = None;
         let mut child = match take_boot_flag(layout) {
             Some(part) => {
                 emit(console, &format!("[    0.500000] sim-board: boot-once flag set: booting the test image on {part}\r\n"));
-                test_os(layout, &part, &boot_id)
+                _kmsg = kernel_log(layout, boot);
+                test_os(layout, &part, &boot_id, _kmsg.is_some())
             }
             None => {
                 emit(console, "[    0.500000] sim-board: booting the master image\r\n");
@@ -211,6 +221,9 @@ fn boot_loop(
         loop {
             match rx.recv() {
                 Ok(Event::Exited(n)) if n == boot => {
+                    // A reboot ends every process of the boot, background
+                    // ones a test left included, as a real one does.
+                    kill_os(pgid);
                     emit(console, "[   99.000000] reboot: Restarting system\r\n");
                     break;
                 }
@@ -234,13 +247,69 @@ fn boot_loop(
     }
 }
 
-/// Stops everything the running OS started: its process group, and any
-/// other process in the board's session (test steps run in groups of their own).
+/// Stops everything the running OS started: its process group, any other
+/// process in the board's session (test steps run in groups of their own),
+/// and every descendant of the board (a process that made a session of its
+/// own), then reaps them.
 fn kill_os(pgid: Pid) {
     let _ = killpg(pgid, Signal::SIGKILL);
-    for pid in session_members(nix::unistd::getpid()) {
-        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    let me = nix::unistd::getpid();
+    // Killed processes re-parent their children here: repeat until none is left.
+    for _ in 0..10 {
+        let mut left: Vec<Pid> = session_members(me);
+        left.extend(descendants(me));
+        left.sort();
+        left.dedup();
+        if left.is_empty() {
+            break;
+        }
+        for pid in left {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+        reap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    reap();
+}
+
+/// Reaps dead orphans re-parented to the board (the OS's own main
+/// process is waited for by its thread; reaping it here first only makes
+/// that wait end at once).
+fn reap() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            return;
+        }
+    }
+}
+
+/// Every living descendant of `root` (zombies, already dead, are left to [`reap`]).
+fn descendants(root: Pid) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    // (pid, parent) of every process, field 4 of /proc/PID/stat; state is field 3.
+    let all: Vec<(Pid, i32)> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .map(Pid::from_raw)
+        .filter(|pid| stat_field(*pid, 3).as_deref() != Some("Z"))
+        .filter_map(|pid| Some((pid, stat_field(pid, 4)?.parse().ok()?)))
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i].as_raw();
+        found.extend(
+            all.iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(pid, _)| *pid),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// Processes in session `sid`, other than the caller.
@@ -296,14 +365,39 @@ fn take_boot_flag(layout: &Layout) -> Option<String> {
 
 /// The test image's "init": its `etc/init.d/S*` scripts in order, as
 /// busybox's rcS runs them. When they end, the simulated board reboots.
-fn test_os(layout: &Layout, part: &str, boot_id: &str) -> Command {
+fn test_os(layout: &Layout, part: &str, boot_id: &str, kmsg: bool) -> Command {
     let root = layout.part(part);
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
         .arg(r#"for s in "$FERRY_ROOT"/etc/init.d/S*; do [ -f "$s" ] && sh "$s" start; done; echo "[sim-board] test image init finished""#)
         .env("FERRY_ROOT", root)
         .env("FERRY_REBOOT", "exit")
-        .env("FERRY_KMSG", "")
+        .env(
+            "FERRY_KMSG",
+            if kmsg { layout.kmsg().into_os_string() } else { Default::default() },
+        )
         .env("FERRY_BOOT_ID", boot_id);
     cmd
+}
+
+/// Makes the test boot's kernel log: a fresh FIFO at [`Layout::kmsg`] (what
+/// an earlier boot left in it is gone, as a reboot empties the kernel's
+/// buffer) holding the boot's first messages, as `/dev/kmsg` does. `None`
+/// (the boot then has no kernel log) when it cannot be made.
+fn kernel_log(layout: &Layout, boot: u64) -> Option<File> {
+    let path = layout.kmsg();
+    let _ = std::fs::remove_file(&path);
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).ok()?;
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .ok()?;
+    let banner = format!(
+        "5,0,0,-;Linux version 6.1.0-ferry-sim (simulated board) #1 SMP PREEMPT_DYNAMIC\n\
+         6,1,0,-;Command line: console=ttyS0,115200 ferry.sim.boot={boot}\n\
+         6,2,412345,-;Run /init as init process\n"
+    );
+    fifo.write_all(banner.as_bytes()).ok()?;
+    Some(fifo)
 }

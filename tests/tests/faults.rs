@@ -141,3 +141,113 @@ fn a_board_that_returns_without_its_records_is_a_test_error() {
     );
     assert!(!board.powered());
 }
+
+/// A job whose test passes while the (simulated) kernel reports a WARNING
+/// with its trace: the line goes to the kernel log the sim's test agent
+/// reads, in `/dev/kmsg`'s `level,seq,usec,flags;text` form.
+fn kernel_warning_job(health_check: bool) -> String {
+    format!(
+        r#"job: kernel
+timeouts: {{job: 2m, test: 30s}}
+health_check: {health_check}
+test:
+  definitions:
+    - inline:
+        metadata: {{format: Lava-Test Test Definition 1.0, name: work}}
+        run:
+          steps:
+            - 'echo "4,3,5000000,-;WARNING: CPU: 0 PID: 1 at ferry/sim.c:1 ferry_warn+0x0/0x10" > "$FERRY_KMSG"'
+            - 'echo "4,4,5000001,-;Call Trace:" > "$FERRY_KMSG"'
+            - 'echo "4,5,5000002,-;---[ end trace 0000000000000000 ]---" > "$FERRY_KMSG"'
+            - 'echo "6,6,5000003,-;random: quiet again" > "$FERRY_KMSG"'
+            - sleep 1
+            - lava-test-case recorded --result pass
+"#
+    )
+}
+
+#[test]
+fn a_kernel_warning_is_a_failed_kernel_result_and_a_test_error_though_every_test_passed() {
+    let board = SimBoard::new();
+    let run = board.run(&board.job("k.yaml", &kernel_warning_job(true)));
+    let msg = run.expect_outcome("test-error");
+    assert!(
+        msg.contains("kernel reported trouble") && msg.contains("ferry_warn"),
+        "{msg}"
+    );
+    let mut want = complete_results();
+    want.push(r("kernel", "warning", "fail"));
+    assert_eq!(run.results(), want, "{}", run.dump());
+    let rows = run.json("results.json");
+    let kernel = rows
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["suite"] == "kernel"))
+        .expect("kernel row");
+    assert_eq!(
+        kernel["message"].as_str(),
+        Some("WARNING: CPU: 0 PID: 1 at ferry/sim.c:1 ferry_warn+0x0/0x10\nCall Trace:\n---[ end trace 0000000000000000 ]---"),
+        "{kernel}"
+    );
+    let outcome = run.json("outcome.json");
+    assert_eq!(
+        outcome["failures"][0]["kind"], "kernel-trouble",
+        "{outcome}"
+    );
+    assert_eq!(outcome["failures"][0]["phase"], "test", "{outcome}");
+    // A health check whose kernel complained: the software's fault, not the board's.
+    assert_eq!(outcome["health"]["health_check"], true, "{outcome}");
+    assert_eq!(outcome["health"]["take_offline"], false, "{outcome}");
+    assert_nothing_left(&board, "ferry_warn");
+}
+
+#[test]
+fn a_health_check_whose_power_off_fails_takes_the_board_offline_a_normal_job_does_not() {
+    let board = board_with_power("ON", "OFF; exit 3", "20s");
+    for health_check in [true, false] {
+        let job = format!("{JOB}health_check: {health_check}\n");
+        let run = board.run(&board.job(&format!("h{health_check}.yaml"), &job));
+        run.expect_outcome("infrastructure-error");
+        let health = &run.json("outcome.json")["health"];
+        assert_eq!(health["health_check"], health_check, "{health}");
+        assert_eq!(health["take_offline"], health_check, "{health}");
+        if health_check {
+            let reason = health["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("power off"), "{health}");
+        }
+        assert_eq!(run.results(), complete_results(), "{}", run.dump());
+    }
+}
+
+#[test]
+fn a_reboot_ends_every_process_of_the_test_boot_even_one_in_its_own_session() {
+    let board = SimBoard::new();
+    // Two background processes left by a test: one in its own session (not
+    // in the board's), one plain. Either, alive once the test boot is over
+    // (its kernel log gone), leaves a file on the test partition.
+    let job = r#"job: leftovers
+timeouts: {job: 2m, test: 30s}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: work}
+        run:
+          steps:
+            - 'setsid sh -c "while [ -p \"$FERRY_KMSG\" ]; do sleep 0.05; done; touch \"$FERRY_ROOT/survived-setsid\"" </dev/null >/dev/null 2>&1 &'
+            - 'sh -c "while [ -p \"$FERRY_KMSG\" ]; do sleep 0.05; done; touch \"$FERRY_ROOT/survived-plain\"" </dev/null >/dev/null 2>&1 &'
+            - lava-test-case recorded --result pass
+"#;
+    let run = board.run(&board.job("l.yaml", job));
+    run.expect_outcome("complete");
+    assert_eq!(run.results(), complete_results(), "{}", run.dump());
+    // Power off also ends what is left: look only after the board's own
+    // shutdown, for the files a survivor of the reboot would have made.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let root = board.board.join("parts/testrootfs");
+    for name in ["survived-setsid", "survived-plain"] {
+        assert!(
+            !root.join(name).exists(),
+            "{name}: a process outlived its boot"
+        );
+    }
+    assert_nothing_left(&board, "survived-");
+}

@@ -139,7 +139,7 @@ impl Console {
             match open_once(spec).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() >= deadline => {
-                    return Err(Failure::infra(format!(
+                    return Err(Failure::console(format!(
                         "cannot open console ({}): {e}",
                         describe(spec)
                     )));
@@ -192,10 +192,12 @@ impl Console {
         };
         match tokio::time::timeout(timeout, write).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::infra(format!(
+            Ok(Err(e)) => Err(Failure::console(format!(
                 "writing the token to the console: {e}"
             ))),
-            Err(_) => Err(Failure::infra("writing the token to the console timed out")),
+            Err(_) => Err(Failure::console(
+                "writing the token to the console timed out",
+            )),
         }
     }
 
@@ -445,7 +447,7 @@ mod tests {
             .await
             .err()
             .expect("fails");
-        assert_eq!(e.class, crate::outcome::Class::InfrastructureError);
+        assert_eq!(e.kind, crate::outcome::Kind::Console);
         assert!(e.message.contains("/nonexistent/tty"), "{}", e.message);
     }
 }
