@@ -116,6 +116,16 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The claim a dispatcher that died left on a device (its marker): the
+/// board may still be on and its output folder without an outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stale {
+    /// What happened, for people.
+    pub message: String,
+    /// Who held the device.
+    pub holder: Holder,
+}
+
 /// A held device lock; released when dropped.
 pub struct DeviceLock {
     _lock: Flock<File>,
@@ -160,7 +170,7 @@ impl DeviceLock {
         job: &str,
         output: &Path,
         wait: Duration,
-    ) -> Result<(Self, Option<String>), LockError> {
+    ) -> Result<(Self, Option<Stale>), LockError> {
         let started = std::time::Instant::now();
         let info = locks_dir().join(format!("{}.json", file_stem(device)));
         let lock = loop {
@@ -183,15 +193,16 @@ impl DeviceLock {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        let stale = read_holder(&info).map(|h| {
-            format!(
+        let stale = read_holder(&info).map(|h| Stale {
+            message: format!(
                 "broke a stale lock on device {device}: {h} {} without releasing it",
                 if alive(h.pid) {
                     "is gone from the device"
                 } else {
                     "died"
                 }
-            )
+            ),
+            holder: h,
         });
         let holder = Holder {
             device: device.into(),
@@ -334,7 +345,7 @@ mod tests {
             DeviceLock::acquire("dev-b", "next", Path::new("/tmp"), Duration::ZERO)
                 .await
                 .expect("a dead holder holds nothing");
-        let stale = stale.expect("reported");
+        let stale = stale.expect("reported").message;
         assert!(
             stale.contains("job crashed") && stale.contains("died"),
             "{stale}"

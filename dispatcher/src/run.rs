@@ -18,7 +18,7 @@ use crate::device::Device;
 use crate::events::EventLog;
 use crate::job::Job;
 use crate::lock::DeviceLock;
-use crate::outcome::{Failure, Kind, Outcome, Phase, Verdict};
+use crate::outcome::{Class, Failure, Kind, Outcome, Phase, Verdict};
 use crate::output::{self, Boot};
 use crate::power;
 use crate::report;
@@ -531,6 +531,58 @@ pub(crate) async fn cancelled() -> &'static str {
     }
 }
 
+/// What a job does on finding the marker a dispatcher killed mid-job left
+/// on the device (its lock's claim): powers the board off (the dead job
+/// may have left it on), gives the dead job's output folder the outcome it
+/// never wrote, and says so (event `stale-lock`, a warning in
+/// `outcome.json`). Returns the warning.
+async fn clean_up_after_dead(
+    device: &Device,
+    job: &str,
+    stale: &crate::lock::Stale,
+    events: &EventLog,
+) -> String {
+    let h = &stale.holder;
+    events.say("dispatcher", &stale.message);
+    let power = match power::off(device, events).await {
+        Ok(()) => "board powered off".to_string(),
+        Err(f) => format!("powering the board off failed: {}", f.message),
+    };
+    let dead_outcome = h.output.join("outcome.json");
+    let marked = if h.output.is_dir() && !dead_outcome.exists() {
+        let text = json!({
+            "class": Class::InternalError,
+            "exit_code": Class::InternalError.exit_code(),
+            "message": format!("the dispatcher (pid {}) was killed during {}; job {job} found its device left behind and cleaned up", h.pid, h.phase),
+            "job": h.job,
+            "device": h.device,
+        });
+        let tmp = h.output.join(".outcome.json.tmp");
+        let written = std::fs::write(&tmp, format!("{text:#}\n"))
+            .and_then(|()| std::fs::rename(&tmp, &dead_outcome));
+        match written {
+            Ok(()) => format!(
+                "; its output folder {} marked internal-error",
+                h.output.display()
+            ),
+            Err(e) => format!(
+                "; its output folder {} could not be marked: {e}",
+                h.output.display()
+            ),
+        }
+    } else {
+        String::new()
+    };
+    events.event(
+        "dispatcher",
+        json!({ "kind": "stale-lock", "job": h.job, "pid": h.pid, "phase": h.phase,
+            "output": h.output, "power": power, "marked": !marked.is_empty() }),
+    );
+    let warning = format!("{}: {power}{marked}", stale.message);
+    events.say("dispatcher", &warning);
+    warning
+}
+
 /// How a run treats a device another job is using.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -617,10 +669,11 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
             return unstarted(Failure::new(Kind::Canceled, format!("canceled by {sig} while waiting for device {}", device.name)), Some(&device));
         }
     };
+    let mut learned = Vec::new();
     let lock = match lock {
         Ok((lock, stale)) => {
-            if let Some(m) = stale {
-                events.say("dispatcher", m);
+            if let Some(stale) = stale {
+                learned.push(clean_up_after_dead(&device, &job.name, &stale, &events).await);
             }
             lock
         }
@@ -631,6 +684,7 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
         lock: Mutex::new(Some(lock)),
         progress: Mutex::new(Progress {
             pinned: device.network.address,
+            warnings: learned,
             ..Progress::default()
         }),
         device,

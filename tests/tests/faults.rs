@@ -251,3 +251,88 @@ test:
     }
     assert_nothing_left(&board, "survived-");
 }
+
+/// Starts `dispatcher run` of `job` on `board` in the background, writing to `out`.
+fn spawn_dispatcher(board: &SimBoard, job: &Path, out: &Path) -> std::process::Child {
+    Command::new(bin("dispatcher"))
+        .arg("run")
+        .arg("--device")
+        .arg(&board.device)
+        .arg("--output")
+        .arg(out)
+        .arg(job)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dispatcher starts")
+}
+
+/// Waits (at most 60 s) until `out/events.jsonl` says the run entered `phase`.
+fn wait_for_phase(out: &Path, phase: &str) {
+    let needle = format!("\"phase\":\"{phase}\"");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap_or_default();
+        if events.contains(&needle) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the run never reached phase {phase}");
+}
+
+#[test]
+fn a_dispatcher_killed_with_sigkill_leaves_a_marker_the_next_run_cleans_up_after() {
+    let board = SimBoard::new();
+    let slow = board.job(
+        "slow.yaml",
+        r#"job: killed
+timeouts: {job: 2m, test: 60s}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: slow}
+        run:
+          steps:
+            - sleep 607
+"#,
+    );
+    let dead_out = board.tmp.path().join("out-killed");
+    let mut dispatcher = spawn_dispatcher(&board, &slow, &dead_out);
+    wait_for_phase(&dead_out, "test");
+    dispatcher.kill().expect("SIGKILL");
+    let _ = dispatcher.wait();
+    // Nothing could clean up: the board is still on, running the test.
+    assert!(
+        board.powered(),
+        "the killed dispatcher's board should still be on"
+    );
+    assert!(!dead_out.join("outcome.json").exists());
+
+    let run = board.run(&board.job("next.yaml", JOB));
+    run.expect_outcome("complete");
+    assert_eq!(run.results(), complete_results(), "{}", run.dump());
+    let events = run.text("events.jsonl");
+    assert!(
+        events.contains("\"kind\":\"stale-lock\"") && events.contains("\"job\":\"killed\""),
+        "{events}"
+    );
+    let warnings = run.json("outcome.json")["warnings"].to_string();
+    assert!(
+        warnings.contains("broke a stale lock") && warnings.contains("board powered off"),
+        "{warnings}"
+    );
+    // The dead job's folder got the outcome it never wrote.
+    let dead: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dead_out.join("outcome.json")).expect("dead job's outcome"),
+    )
+    .expect("json");
+    assert_eq!(dead["class"], "internal-error", "{dead}");
+    assert!(
+        dead["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("killed during test")),
+        "{dead}"
+    );
+    assert_nothing_left(&board, "sleep 607");
+}

@@ -307,6 +307,54 @@ test:
 }
 
 #[test]
+fn a_kernel_warning_in_the_test_boot_is_a_failed_kernel_result() {
+    let Some(_turn) = board_turn() else { return };
+    let board = QemuBoard::new("warn");
+    // A line written to /dev/kmsg is a kernel message like any other: the
+    // same text a WARN_ON() starts its report with.
+    let job = board.job(
+        "warn",
+        r#"job: qemu-warn
+timeouts: {job: 10m, test: 3m}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: warns}
+        run:
+          steps:
+            - 'echo "WARNING: CPU: 0 PID: 1 at ferry/qemu.c:1 ferry_warn+0x0/0x10" > /dev/kmsg'
+            - sleep 1
+            - lava-test-case passes --result pass
+"#,
+    );
+    let run = board.run(&job);
+    let msg = run.expect_outcome("test-error");
+    assert!(msg.contains("kernel reported trouble"), "{}", run.dump());
+    assert_eq!(
+        run.results(),
+        vec![
+            r("warns", "passes", "pass"),
+            r("lava", "warns", "pass"),
+            r("kernel", "warning", "fail")
+        ],
+        "{}",
+        run.dump()
+    );
+    let rows = run.json("results.json");
+    let kernel = rows
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["suite"] == "kernel"))
+        .expect("kernel row");
+    assert!(
+        kernel["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("WARNING: CPU: 0 PID: 1 at ferry/qemu.c:1 ferry_warn")),
+        "{kernel}"
+    );
+    assert!(!board.qemu_running(), "QEMU must be gone after the job");
+}
+
+#[test]
 fn exec_uname_on_the_virtual_board() {
     let Some(_turn) = board_turn() else { return };
     let board = QemuBoard::new("exec");
