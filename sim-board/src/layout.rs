@@ -94,6 +94,11 @@ impl Layout {
     pub fn kmsg(&self) -> PathBuf {
         self.dir.join("kmsg")
     }
+    /// Where strace reports the test boot's sync calls (a FIFO, removed
+    /// once opened): see [`crate::cache`].
+    pub fn sync_report(&self) -> PathBuf {
+        self.dir.join("sync-report")
+    }
     /// The supervisor's control socket.
     pub fn control(&self) -> PathBuf {
         self.dir.join("control.sock")

@@ -7,8 +7,10 @@
 //! flag is set, the test image (the rootfs folder's init scripts), and
 //! treats the end of that OS as a reboot. `reset` is a hard reset: the
 //! running OS is killed and the board boots again, flag rules included.
-//! `off` stops everything. No VM and no root needed.
+//! `off` stops everything; both lose what the test boot never synced
+//! ([`cache`]). No VM and no root needed.
 
+pub mod cache;
 pub mod cli;
 pub mod layout;
 pub mod supervisor;

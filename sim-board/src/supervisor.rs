@@ -14,6 +14,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use nix::unistd::Pid;
 
+use crate::cache::Cache;
 use crate::layout::{Layout, LayoutError};
 
 /// Why the board stopped unexpectedly.
@@ -127,6 +128,7 @@ pub fn run(layout: &Layout) -> Result<(), SupervisorError> {
     let _ = std::fs::remove_file(layout.control());
     let _ = std::fs::remove_file(layout.os_pgid_file());
     let _ = std::fs::remove_file(layout.kmsg());
+    let _ = std::fs::remove_file(layout.sync_report());
     drop(pty.slave);
     result
 }
@@ -188,11 +190,20 @@ fn boot_loop(
         // long as this boot runs: the boot's kernel log.
         let _ = std::fs::remove_file(layout.kmsg());
         let mut _kmsg = None;
+        // The test boot's unsynced writes, lost on a reset or power cut.
+        let mut cache = None;
         let mut child = match take_boot_flag(layout) {
             Some(part) => {
                 emit(console, &format!("[    0.500000] sim-board: boot-once flag set: booting the test image on {part}\r\n"));
                 _kmsg = kernel_log(layout, boot);
-                test_os(layout, &part, &boot_id, _kmsg.is_some())
+                let c = Cache::start(&layout.part(&part));
+                let traced = c.available();
+                if traced {
+                    cache = Some(c);
+                } else {
+                    emit(console, "[    0.500000] sim-board: strace not found: unsynced writes will survive a reset\r\n");
+                }
+                test_os(layout, &part, &boot_id, _kmsg.is_some(), traced)
             }
             None => {
                 emit(console, "[    0.500000] sim-board: booting the master image\r\n");
@@ -209,6 +220,15 @@ fn boot_loop(
         .map_err(sys("starting the OS"))?;
         let pgid = Pid::from_raw(child.id() as i32);
         let _ = std::fs::write(layout.os_pgid_file(), format!("{pgid}\n"));
+        if let Some(c) = &cache {
+            // The test OS stopped itself first thing: trace it from its
+            // first instruction on, then let it go.
+            if let Err(e) = c.attach(pgid, &layout.sync_report()) {
+                emit(console, &format!("[    0.500000] sim-board: cannot trace the test image's syncs ({e}): unsynced writes will survive a reset\r\n"));
+                cache = None;
+            }
+            let _ = nix::sys::signal::kill(pgid, Signal::SIGCONT);
+        }
         if let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) {
             pump(out, console.clone());
             pump(err, console.clone());
@@ -230,11 +250,13 @@ fn boot_loop(
                 Ok(Event::Exited(_)) => {}
                 Ok(Event::Reset) => {
                     kill_os(pgid);
+                    power_lost(console, cache.as_ref());
                     emit(console, "\r\n[sim-board] hard reset\r\n");
                     break;
                 }
                 Ok(Event::Off(mut reply)) => {
                     kill_os(pgid);
+                    power_lost(console, cache.as_ref());
                     let _ = reply.write_all(b"ok\n");
                     return Ok(());
                 }
@@ -365,16 +387,27 @@ fn take_boot_flag(layout: &Layout) -> Option<String> {
 
 /// The test image's "init": its `etc/init.d/S*` scripts in order, as
 /// busybox's rcS runs them. When they end, the simulated board reboots.
-fn test_os(layout: &Layout, part: &str, boot_id: &str, kmsg: bool) -> Command {
+/// With `stopped`, it stops itself before anything (to be traced, see
+/// [`Cache::attach`]).
+fn test_os(layout: &Layout, part: &str, boot_id: &str, kmsg: bool, stopped: bool) -> Command {
     let root = layout.part(part);
+    let init = r#"for s in "$FERRY_ROOT"/etc/init.d/S*; do [ -f "$s" ] && sh "$s" start; done; echo "[sim-board] test image init finished""#;
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
-        .arg(r#"for s in "$FERRY_ROOT"/etc/init.d/S*; do [ -f "$s" ] && sh "$s" start; done; echo "[sim-board] test image init finished""#)
+        .arg(if stopped {
+            format!("kill -STOP $$; {init}")
+        } else {
+            init.to_string()
+        })
         .env("FERRY_ROOT", root)
         .env("FERRY_REBOOT", "exit")
         .env(
             "FERRY_KMSG",
-            if kmsg { layout.kmsg().into_os_string() } else { Default::default() },
+            if kmsg {
+                layout.kmsg().into_os_string()
+            } else {
+                Default::default()
+            },
         )
         .env("FERRY_BOOT_ID", boot_id);
     cmd
@@ -400,4 +433,15 @@ fn kernel_log(layout: &Layout, boot: u64) -> Option<File> {
     );
     fifo.write_all(banner.as_bytes()).ok()?;
     Some(fifo)
+}
+
+/// The OS died without syncing: what the test boot never synced is gone,
+/// and the console says what.
+fn power_lost(console: &ConsoleTx, cache: Option<&Cache>) {
+    for lost in cache.map(Cache::lose_unsynced).unwrap_or_default() {
+        emit(
+            console,
+            &format!("\r\n[sim-board] lost unsynced writes: {lost}"),
+        );
+    }
 }

@@ -336,3 +336,74 @@ test:
     );
     assert_nothing_left(&board, "sleep 607");
 }
+
+#[test]
+fn a_hard_reset_loses_only_what_the_test_boot_never_synced() {
+    let board = SimBoard::new();
+    // The test resets its own board (as a watchdog or a PDU glitch would)
+    // right after writing without a sync: a file of its own, and bytes at
+    // the end of the test agent's records file, after everything the agent
+    // wrote was synced (a quiet second: it syncs within 250 ms).
+    let reset = format!(
+        "{} --board {} reset",
+        bin("ferry-sim-board").display(),
+        board.board.display()
+    );
+    let job = format!(
+        r#"job: unsynced
+timeouts: {{job: 2m, test: 60s}}
+test:
+  definitions:
+    - inline:
+        metadata: {{format: Lava-Test Test Definition 1.0, name: work}}
+        run:
+          steps:
+            - lava-test-case before-reset --result pass
+            - echo synced | dd of="$FERRY_ROOT/synced.txt" conv=fsync 2>/dev/null
+            - echo unsynced > "$FERRY_ROOT/unsynced.txt"
+            - sleep 1
+            - printf 'NEVER-SYNCED' >> "$FERRY_RECORDS" && {reset}
+            - sleep 608
+"#
+    );
+    let run = board.run(&board.job("u.yaml", &job));
+    let msg = run.expect_outcome("test-error");
+    assert!(msg.contains("did not finish"), "{msg}");
+    // Every result synced before the reset is there; no gap in the records.
+    assert_eq!(
+        run.results(),
+        vec![
+            r("work", "before-reset", "pass"),
+            r("lava", "work", "unknown")
+        ],
+        "{}",
+        run.dump()
+    );
+    let outcome = run.json("outcome.json");
+    assert!(
+        !outcome["warnings"].to_string().contains("records"),
+        "{outcome}"
+    );
+    let fetched = std::fs::read(run.dir.join("board/agent-0000.ferryrec")).expect("records");
+    assert!(
+        !fetched.windows(12).any(|w| w == b"NEVER-SYNCED"),
+        "unsynced bytes survived the reset"
+    );
+    let root = board.board.join("parts/testrootfs");
+    assert_eq!(
+        std::fs::read_to_string(root.join("synced.txt"))
+            .ok()
+            .as_deref(),
+        Some("synced\n")
+    );
+    assert!(
+        !root.join("unsynced.txt").exists(),
+        "a never-synced file survived"
+    );
+    assert!(
+        run.text("console.log").contains("lost unsynced writes"),
+        "{}",
+        run.dump()
+    );
+    assert_nothing_left(&board, "sleep 608");
+}
