@@ -111,6 +111,75 @@ impl Default for Timeouts {
     }
 }
 
+/// How many times one step is tried, and the pause between tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Tries in all (0 counts as 1: the step is always tried once).
+    #[serde(default = "one")]
+    pub attempts: u32,
+    /// Pause after a failed try.
+    #[serde(with = "humantime_serde", default)]
+    pub interval: Duration,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 1,
+            interval: Duration::ZERO,
+        }
+    }
+}
+
+/// Retries of the steps that change nothing on the board: powering on,
+/// booting to the master image and connecting to its agent (only before
+/// anything is deployed), and fetching the records (after a hard reset back
+/// to the master image). Deploys, installs and the test boot are never
+/// retried: they change the test image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retries {
+    /// `power.off` then `power.on` (or `reset`).
+    pub power: Retry,
+    /// Power-on to the master agent's announcement (a retry hard resets).
+    pub boot: Retry,
+    /// Token, TLS connection and first call to the master agent.
+    pub connect: Retry,
+    /// Fetching the records (a retry hard resets back to the master image).
+    pub fetch: Retry,
+}
+
+/// A job's overrides of its device's [`Retries`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetriesOverride {
+    /// Overrides `power`.
+    pub power: Option<Retry>,
+    /// Overrides `boot`.
+    pub boot: Option<Retry>,
+    /// Overrides `connect`.
+    pub connect: Option<Retry>,
+    /// Overrides `fetch`.
+    pub fetch: Option<Retry>,
+}
+
+impl Retries {
+    /// These retries with the job's overrides.
+    pub fn with(self, o: &RetriesOverride) -> Retries {
+        Retries {
+            power: o.power.unwrap_or(self.power),
+            boot: o.boot.unwrap_or(self.boot),
+            connect: o.connect.unwrap_or(self.connect),
+            fetch: o.fetch.unwrap_or(self.fetch),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeviceFile {
@@ -124,6 +193,8 @@ struct DeviceFile {
     test_rootfs: String,
     #[serde(default)]
     timeouts: Timeouts,
+    #[serde(default)]
+    retries: Retries,
 }
 
 fn default_test_rootfs() -> String {
@@ -151,6 +222,8 @@ pub struct Device {
     pub test_rootfs: String,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Retries (a job may override them).
+    pub retries: Retries,
 }
 
 impl Device {
@@ -202,6 +275,7 @@ impl Device {
             partitions: file.partitions,
             test_rootfs: file.test_rootfs,
             timeouts: file.timeouts,
+            retries: file.retries,
         })
     }
 }

@@ -214,6 +214,9 @@ struct JobFile {
     /// A health check: `outcome.json` says whether to take the board offline.
     #[serde(default)]
     health_check: bool,
+    /// Overrides of the device file's retries.
+    #[serde(default)]
+    retries: crate::device::RetriesOverride,
 }
 
 /// A LAVA "Lava-Test Test Definition 1.0".
@@ -387,6 +390,8 @@ pub struct Job {
     pub warnings: Vec<String>,
     /// A health check: its outcome says whether the board should go offline.
     pub health_check: bool,
+    /// Overrides of the device file's retries.
+    pub retries: crate::device::RetriesOverride,
 }
 
 fn scalar(v: &Value) -> Option<String> {
@@ -698,6 +703,7 @@ impl Job {
         }
         Ok(Job {
             health_check: file.health_check,
+            retries: file.retries,
             name: file.job.clone(),
             path: path.into(),
             timeouts: file.timeouts,

@@ -80,6 +80,11 @@ impl Ctx {
         self.events
             .event("dispatcher", json!({ "phase": p.name() }));
     }
+    /// Enters phase `p` (see [`injected_pause`]).
+    async fn enter(&self, p: Phase) {
+        self.set_phase(p);
+        injected_pause(p).await;
+    }
     /// Notes a moment for the boot-phase timings (the first time only).
     fn mark(&self, which: fn(&mut Marks) -> &mut Option<SystemTime>) {
         self.progress(|s| {
@@ -213,18 +218,38 @@ async fn authenticate(
 
 async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     let d = &ctx.device;
-    ctx.set_phase(Phase::Power);
-    let on = power::start(d, &ctx.events).await?;
+    let retries = d.retries.with(&ctx.job.retries);
+    ctx.enter(Phase::Power).await;
+    let mut attempt = Attempts::new("power", retries.power);
+    let on = loop {
+        match power::start(d, &ctx.events).await {
+            Ok(on) => break attempt.succeeded(ctx, on),
+            Err(f) => attempt.failed(ctx, f).await?,
+        }
+    };
     ctx.progress(|s| s.marks.power_on = Some(on));
     let mut console = Console::open(&d.console, d.timeouts.console, ctx.events.clone()).await?;
     ctx.progress(|s| s.kernels.push(console.kernel_starts()));
 
-    ctx.set_phase(Phase::Boot);
-    let master = reach_master(ctx, &mut console, None, false).await?;
+    ctx.enter(Phase::Boot).await;
+    let mut attempt = Attempts::new("boot", retries.boot);
+    let master = loop {
+        // A retry starts from a hard reset.
+        match reach_master(ctx, &mut console, None, attempt.retrying()).await {
+            Ok(m) => break attempt.succeeded(ctx, m),
+            Err(f) => attempt.failed(ctx, f).await?,
+        }
+    };
     ctx.mark(|m| &mut m.master);
-    let mut session = authenticate(ctx, &mut console, &master).await?;
+    let mut attempt = Attempts::new("connect", retries.connect);
+    let mut session = loop {
+        match authenticate(ctx, &mut console, &master).await {
+            Ok(s) => break attempt.succeeded(ctx, s),
+            Err(f) => attempt.failed(ctx, f).await?,
+        }
+    };
 
-    ctx.set_phase(Phase::Deploy);
+    ctx.enter(Phase::Deploy).await;
     let deploy_deadline = Instant::now() + ctx.job.timeouts.deploy;
     for entry in &ctx.job.deploy {
         let left = deploy_deadline.saturating_duration_since(Instant::now());
@@ -248,7 +273,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
         return Ok(());
     }
 
-    ctx.set_phase(Phase::Install);
+    ctx.enter(Phase::Install).await;
     let part = d.test_rootfs.as_str();
     let installed = session.install(part, ctx.job.plan.clone()).await?;
     ctx.events.say(
@@ -263,7 +288,7 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     ctx.mark(|m| &mut m.reboot);
     drop(session);
 
-    ctx.set_phase(Phase::Test);
+    ctx.enter(Phase::Test).await;
     let deadline = tokio::time::Instant::now() + ctx.job.timeouts.test;
     // What went wrong in the test boot is noted as it is found (it decides
     // the outcome, whatever fetching the results then meets); getting the
@@ -298,9 +323,93 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     };
 
     ctx.mark(|m| &mut m.back);
-    fetch_records(ctx, &mut console, &back).await?;
+    let mut attempt = Attempts::new("fetch", retries.fetch);
+    let mut back = back;
+    loop {
+        match fetch_records(ctx, &mut console, &back).await {
+            Ok(()) => break attempt.succeeded(ctx, ()),
+            Err(f) => {
+                attempt.failed(ctx, f).await?;
+                // Back to a fresh master boot; what the failed try fetched
+                // is fetched again whole.
+                back = reach_master(ctx, &mut console, Some(&back.boot), true).await?;
+                for dir in [output::BOARD_DIR, crate::records::OUTPUT_DIR] {
+                    let _ = std::fs::remove_dir_all(ctx.out.join(dir));
+                }
+            }
+        }
+    }
     judge_test_boot(ctx);
     Ok(())
+}
+
+/// The tries of one step (see [`crate::device::Retries`]): each failed
+/// one, and a success after a failure, is an `attempt` event.
+struct Attempts {
+    step: &'static str,
+    retry: crate::device::Retry,
+    done: u32,
+}
+
+impl Attempts {
+    fn new(step: &'static str, retry: crate::device::Retry) -> Self {
+        Attempts {
+            step,
+            retry,
+            done: 0,
+        }
+    }
+    /// Whether the next try is a retry.
+    fn retrying(&self) -> bool {
+        self.done > 0
+    }
+    fn of(&self) -> u32 {
+        self.retry.attempts.max(1)
+    }
+    fn succeeded<T>(&mut self, ctx: &Ctx, v: T) -> T {
+        self.done += 1;
+        ctx.events.event(
+            "dispatcher",
+            json!({ "kind": "attempt", "step": self.step, "attempt": self.done, "of": self.of(), "ok": true }),
+        );
+        v
+    }
+    /// Notes a failed try: `Ok` after the pause when another try is left,
+    /// else the failure.
+    async fn failed(&mut self, ctx: &Ctx, f: Failure) -> Result<(), Failure> {
+        self.done += 1;
+        let last = self.done >= self.of();
+        ctx.events.event(
+            "dispatcher",
+            json!({ "kind": "attempt", "step": self.step, "attempt": self.done, "of": self.of(), "ok": false,
+                "error": f.message, "retry_in": (!last).then(|| format!("{:?}", self.retry.interval)) }),
+        );
+        if last {
+            return Err(f);
+        }
+        ctx.events.say(
+            "dispatcher",
+            format!(
+                "{} failed (attempt {} of {}): {}; trying again in {:?}",
+                self.step,
+                self.done,
+                self.of(),
+                f.message,
+                self.retry.interval
+            ),
+        );
+        ctx.progress(|s| {
+            s.warnings.push(format!(
+                "{} attempt {} of {} failed (retried): {}",
+                self.step,
+                self.done,
+                self.of(),
+                f.message
+            ))
+        });
+        tokio::time::sleep(self.retry.interval).await;
+        Ok(())
+    }
 }
 
 /// Whether the test image booted and finished is decided by the test
@@ -358,7 +467,7 @@ async fn fetch_records(
     console: &mut Console,
     back: &Announcement,
 ) -> Result<(), Failure> {
-    ctx.set_phase(Phase::Fetch);
+    ctx.enter(Phase::Fetch).await;
     let mut session = authenticate(ctx, console, back).await?;
     // A reused output folder's old records were cleared at the start.
     let board_dir = ctx.out.join(output::BOARD_DIR);
@@ -516,6 +625,26 @@ pub async fn after_panic(device_path: &Path, out: &Path, e: tokio::task::JoinErr
 fn injected_panic(phase: Phase) {
     if std::env::var("FERRY_DISPATCHER_PANIC_AT").is_ok_and(|p| p == phase.name()) {
         panic!("injected by FERRY_DISPATCHER_PANIC_AT={}", phase.name());
+    }
+}
+
+/// Fault injection for tests of what happens during a phase: with
+/// `FERRY_DISPATCHER_PAUSE_AT=<phase>:<seconds>` the dispatcher waits that
+/// long on first entering that phase, before doing anything there (a test
+/// then cancels the job, or kills the agent, at a known point).
+async fn injected_pause(phase: Phase) {
+    static PAUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Ok(v) = std::env::var("FERRY_DISPATCHER_PAUSE_AT") else {
+        return;
+    };
+    let Some((name, secs)) = v.rsplit_once(':') else {
+        return;
+    };
+    let Ok(secs) = secs.parse::<f64>() else {
+        return;
+    };
+    if name == phase.name() && !PAUSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     }
 }
 
@@ -718,8 +847,9 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
     if let Err(f) = &result {
         ctx.fail(ctx.phase(), f.clone());
     }
-    // Ended while the board ran the test image: fetch what it recorded.
-    if result.is_err() && ctx.phase() == Phase::Test {
+    // Ended while the board ran the test image, or while its records were
+    // being fetched: fetch what it recorded.
+    if result.is_err() && matches!(ctx.phase(), Phase::Test | Phase::Fetch) {
         let d = &ctx.device;
         let bound = d.timeouts.console
             + 2 * d.timeouts.power

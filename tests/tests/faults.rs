@@ -407,3 +407,213 @@ test:
     );
     assert_nothing_left(&board, "sleep 608");
 }
+
+/// The job `JOB` with `extra` keys added.
+fn job_with(extra: &str) -> String {
+    format!("{JOB}{extra}")
+}
+
+/// The master agent of the board's running boot, killed with SIGKILL.
+fn kill_master_agent(board: &SimBoard) {
+    let config = board.board.join("master-agent.yaml");
+    let pids = processes_mentioning(&config);
+    assert!(!pids.is_empty(), "no master agent running");
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// `(step, attempt, ok)` of every `attempt` event.
+fn attempts(run: &ferry_tests::Run) -> Vec<(String, u64, bool)> {
+    run.text("events.jsonl")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["kind"] == "attempt")
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap_or_default().to_string(),
+                e["attempt"].as_u64().unwrap_or_default(),
+                e["ok"].as_bool().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_power_on_that_fails_once_is_retried_as_the_job_asks() {
+    // Lower case only: `board_with_power` replaces `ON`.
+    let mark = format!(
+        "/tmp/ferry-faults-power-once-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    let board = board_with_power(
+        &format!("if [ -e {mark} ]; then ON; else touch {mark}; exit 9; fi"),
+        "OFF",
+        "20s",
+    );
+    let job = job_with("retries: {power: {attempts: 2, interval: 100ms}}\n");
+    let run = board.run(&board.job("p.yaml", &job));
+    run.expect_outcome("complete");
+    assert_eq!(run.results(), complete_results(), "{}", run.dump());
+    let a = attempts(&run);
+    assert_eq!(
+        a.iter()
+            .filter(|(s, _, _)| s == "power")
+            .collect::<Vec<_>>(),
+        [
+            &("power".to_string(), 1, false),
+            &("power".to_string(), 2, true)
+        ],
+        "{a:?}"
+    );
+    let warnings = run.json("outcome.json")["warnings"].to_string();
+    assert!(
+        warnings.contains("power attempt 1 of 2 failed"),
+        "{warnings}"
+    );
+    assert!(!board.powered());
+    let _ = std::fs::remove_file(&mark);
+}
+
+#[test]
+fn a_master_agent_killed_before_the_fetch_is_retried_after_a_hard_reset() {
+    let board = SimBoard::new();
+    // The dispatcher stops on entering the fetch; the test kills the master
+    // agent then, so the fetch meets a dead agent.
+    let out = board.tmp.path().join("out-killed-fetch");
+    let job = board.job(
+        "kf.yaml",
+        &job_with("retries: {fetch: {attempts: 2, interval: 0s}}\n"),
+    );
+    let child = Command::new(bin("dispatcher"))
+        .env("FERRY_DISPATCHER_PAUSE_AT", "fetching results:2")
+        .arg("run")
+        .arg("--device")
+        .arg(&board.device)
+        .arg("--output")
+        .arg(&out)
+        .arg(&job)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dispatcher");
+    wait_for_phase(&out, "fetching results");
+    kill_master_agent(&board);
+    let output = child.wait_with_output().expect("wait");
+    let run = ferry_tests::Run { output, dir: out };
+    run.expect_outcome("complete");
+    assert_eq!(run.results(), complete_results(), "{}", run.dump());
+    let fetches: Vec<_> = attempts(&run)
+        .into_iter()
+        .filter(|(s, _, _)| s == "fetch")
+        .collect();
+    assert_eq!(
+        fetches,
+        [
+            ("fetch".to_string(), 1, false),
+            ("fetch".to_string(), 2, true)
+        ],
+        "{}",
+        run.dump()
+    );
+    assert_nothing_left(&board, "kf.yaml");
+}
+
+/// A job whose test step sleeps after recording a result.
+const SLEEPING_JOB: &str = r#"job: cancel
+timeouts: {job: 2m, test: 60s}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: work}
+        run:
+          steps:
+            - lava-test-case recorded --result pass
+            - sleep 609
+"#;
+
+/// Runs `job`, pausing on entering `phase` (with `pause`), sends SIGTERM
+/// once there, and checks the job ends canceled
+/// within 5 s with the board off and nothing left.
+fn cancel_in(phase: &str, pause: bool, job: &str) -> (SimBoard, ferry_tests::Run) {
+    let board = SimBoard::new();
+    let job = board.job("c.yaml", job);
+    let out = board.tmp.path().join("out-cancel");
+    let mut cmd = Command::new(bin("dispatcher"));
+    if pause {
+        cmd.env("FERRY_DISPATCHER_PAUSE_AT", format!("{phase}:60"));
+    }
+    let child = cmd
+        .arg("run")
+        .arg("--device")
+        .arg(&board.device)
+        .arg("--output")
+        .arg(&out)
+        .arg(&job)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dispatcher");
+    wait_for_phase(&out, phase);
+    if phase == "test" {
+        // Until the result is on the board.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    let sent = std::time::Instant::now();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let output = child.wait_with_output().expect("wait");
+    let took = sent.elapsed();
+    eprintln!("canceled in {phase} after {took:?}");
+    let run = ferry_tests::Run { output, dir: out };
+    let msg = run.expect_outcome("canceled");
+    assert!(msg.contains("SIGTERM"), "{msg}");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "canceling in {phase} took {took:?}"
+    );
+    assert_nothing_left(&board, "sleep 609");
+    assert!(
+        processes_mentioning(&board.tmp.path().join("jobs")).is_empty(),
+        "a dispatcher process is left"
+    );
+    (board, run)
+}
+
+#[test]
+fn cancel_while_booting_ends_within_5s_with_the_board_off() {
+    let (_board, run) = cancel_in("waiting for the master agent", true, SLEEPING_JOB);
+    assert_eq!(run.results(), vec![], "{}", run.dump());
+}
+
+#[test]
+fn cancel_during_deploy_ends_within_5s_with_the_board_off() {
+    let (_board, run) = cancel_in("deploy", true, SLEEPING_JOB);
+    assert_eq!(run.results(), vec![], "{}", run.dump());
+}
+
+#[test]
+fn cancel_during_the_test_keeps_what_was_recorded_and_ends_within_5s() {
+    let (_board, run) = cancel_in("test", false, SLEEPING_JOB);
+    assert_eq!(
+        run.results(),
+        vec![r("work", "recorded", "pass"), r("lava", "work", "unknown")],
+        "{}",
+        run.dump()
+    );
+}
+
+#[test]
+fn cancel_during_the_fetch_still_fetches_and_ends_within_5s() {
+    // Paused on entering the fetch, after a test boot that finished: the
+    // records are fetched on the way out (reset, then fetch).
+    let (_board, run) = cancel_in("fetching results", true, JOB);
+    assert_eq!(run.results(), complete_results(), "{}", run.dump());
+}
