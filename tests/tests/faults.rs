@@ -617,3 +617,258 @@ fn cancel_during_the_fetch_still_fetches_and_ends_within_5s() {
     let (_board, run) = cancel_in("fetching results", true, JOB);
     assert_eq!(run.results(), complete_results(), "{}", run.dump());
 }
+
+/// A TCP proxy between the dispatcher and the board's master agent that the
+/// test controls: it forwards at most `rate` bytes a second each way, and
+/// [`Proxy::cut`] drops the network under the connections open then (their
+/// bytes stop flowing, nothing is closed: a pulled cable); connections
+/// made later go through.
+struct Proxy {
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    fn start(listen: std::net::SocketAddr, to: std::net::SocketAddr, rate: usize) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let listener = std::net::TcpListener::bind(listen).expect("proxy listens");
+        let g = generation.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(board) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let mine = g.load(Ordering::SeqCst);
+                for (mut from, mut into) in [
+                    (client.try_clone(), board.try_clone()),
+                    (board.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let g = g.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let Ok(n) = from.read(&mut buf) else { return };
+                            if n == 0 {
+                                let _ = into.shutdown(std::net::Shutdown::Write);
+                                return;
+                            }
+                            if g.load(Ordering::SeqCst) != mine {
+                                // Cut: swallow everything, send nothing.
+                                continue;
+                            }
+                            if into.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(std::time::Duration::from_secs_f64(
+                                n as f64 / rate as f64,
+                            ));
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { generation }
+    }
+
+    fn cut(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A prepared board whose master agent announces 127.0.0.2 (same port),
+/// where a [`Proxy`] to its real address listens; the dispatcher finds a
+/// dead connection within 2 s.
+fn board_behind_proxy(rate: usize) -> (SimBoard, Proxy) {
+    let board = SimBoard::with_device(|d| {
+        d.replace(
+            "  fetch: 60s\n",
+            "  fetch: 60s\n  keepalive: 2s\n  fetch_idle: 3s\n",
+        )
+    });
+    with_test_init_script(&board, "S00nothing", "true\n");
+    let config = board.board.join("master-agent.yaml");
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    let listen: std::net::SocketAddr = text
+        .lines()
+        .find_map(|l| l.strip_prefix("listen: "))
+        .and_then(|a| a.trim().parse().ok())
+        .expect("listen address");
+    std::fs::write(&config, format!("{text}advertise: 127.0.0.2\n")).expect("advertise");
+    let proxy = Proxy::start(
+        std::net::SocketAddr::new([127, 0, 0, 2].into(), listen.port()),
+        listen,
+        rate,
+    );
+    (board, proxy)
+}
+
+/// Runs `job` on `board` in the background; once the run entered `phase`
+/// and `after` passed, cuts the proxy's connections; returns the run.
+fn run_cutting(
+    board: &SimBoard,
+    proxy: &Proxy,
+    job: &Path,
+    phase: &str,
+    after: std::time::Duration,
+) -> ferry_tests::Run {
+    let out = board.tmp.path().join(format!(
+        "out-{}",
+        job.file_stem().and_then(|s| s.to_str()).unwrap_or("cut")
+    ));
+    let child = Command::new(bin("dispatcher"))
+        .arg("run")
+        .arg("--device")
+        .arg(&board.device)
+        .arg("--output")
+        .arg(&out)
+        .arg(job)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dispatcher");
+    wait_for_phase(&out, phase);
+    std::thread::sleep(after);
+    proxy.cut();
+    let output = child.wait_with_output().expect("wait");
+    ferry_tests::Run { output, dir: out }
+}
+
+#[test]
+fn the_network_dropped_mid_deploy_is_an_infrastructure_error_with_the_board_off() {
+    let (board, proxy) = board_behind_proxy(2 << 20);
+    // 12 MiB that do not compress: 6 s through the proxy.
+    let dir = board.tmp.path().join("jobs");
+    std::fs::create_dir_all(&dir).expect("jobs");
+    let image = dir.join("big.img");
+    let mut data = vec![0u8; 12 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(&image, &data).expect("image");
+    let sha = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&data);
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let job = board.job(
+        "deploy-cut.yaml",
+        &format!(
+            "{JOB}deploy:\n  - image: big.img\n    to: firmware\n    compression: none\n    sha256: {sha}\n"
+        ),
+    );
+    let started = std::time::Instant::now();
+    let run = run_cutting(
+        &board,
+        &proxy,
+        &job,
+        "deploy",
+        std::time::Duration::from_secs(1),
+    );
+    let msg = run.expect_outcome("infrastructure-error");
+    eprintln!("network cut mid-deploy: {msg} ({:?})", started.elapsed());
+    let outcome = run.json("outcome.json");
+    assert_eq!(outcome["failures"][0]["phase"], "deploy", "{outcome}");
+    assert_eq!(outcome["failures"][0]["kind"], "agent", "{outcome}");
+    assert_eq!(run.results(), vec![], "{}", run.dump());
+    assert_nothing_left(&board, "deploy-cut.yaml");
+}
+
+#[test]
+fn the_network_dropped_mid_fetch_loses_no_result() {
+    // Heavy output: 16 MB of records, 8 s through the proxy.
+    let job_text = format!(
+        "{}            - yes {} | head -c 12000000\n",
+        JOB,
+        "0123456789".repeat(10).get(..99).unwrap_or_default()
+    );
+    for (attempts, class) in [(2, "complete"), (1, "infrastructure-error")] {
+        let (board, proxy) = board_behind_proxy(2 << 20);
+        let job = board.job(
+            &format!("fetch-cut-{attempts}.yaml"),
+            &format!("{job_text}retries: {{fetch: {{attempts: {attempts}, interval: 0s}}}}\n"),
+        );
+        let run = run_cutting(
+            &board,
+            &proxy,
+            &job,
+            "fetching results",
+            std::time::Duration::from_secs(2),
+        );
+        let msg = run.expect_outcome(class);
+        eprintln!("network cut mid-fetch, {attempts} attempt(s): {class}: {msg}");
+        // Fetched again whole after a hard reset: by the retry, or on the
+        // way out of a failed job.
+        assert_eq!(run.results(), complete_results(), "{}", run.dump());
+        let out = std::fs::metadata(run.dir.join("test-output/work.stdout")).expect("output");
+        let text = std::fs::read(run.dir.join("test-output/work.stdout")).expect("output");
+        let signal = b"<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=recorded RESULT=pass>\n".len() as u64;
+        assert_eq!(
+            out.len(),
+            signal + 12_000_000,
+            "all the output came back: {:?}",
+            String::from_utf8_lossy(&text[..200.min(text.len())])
+        );
+        assert_nothing_left(&board, "fetch-cut");
+    }
+}
+
+#[test]
+fn a_test_agent_killed_mid_record_under_heavy_output_keeps_every_synced_result() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "heavy.yaml",
+        r#"job: heavy
+timeouts: {job: 2m, test: 60s}
+test:
+  definitions:
+    - inline:
+        metadata: {format: Lava-Test Test Definition 1.0, name: work}
+        run:
+          steps:
+            - lava-test-case before --result pass
+            - yes 0123456789abcdef0123456789abcdef0123456789abcdef | head -c 400000000
+            - lava-test-case never --result pass
+"#,
+    );
+    let out = board.tmp.path().join("out-heavy");
+    let child = spawn_dispatcher(&board, &job, &out);
+    wait_for_phase(&out, "test");
+    // Once the output flows, kill the test agent (not its steps).
+    let agent = board.board.join("parts/testrootfs/ferry/bin/test-agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let pids = loop {
+        let pids = processes_mentioning(&agent);
+        if !pids.is_empty() || std::time::Instant::now() > deadline {
+            break pids;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!pids.is_empty(), "the test agent never ran");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let output = child.wait_with_output().expect("wait");
+    let run = ferry_tests::Run { output, dir: out };
+    let msg = run.expect_outcome("test-error");
+    assert!(msg.contains("did not finish"), "{msg}");
+    assert_eq!(
+        run.results(),
+        vec![r("work", "before", "pass"), r("lava", "work", "unknown")],
+        "{}",
+        run.dump()
+    );
+    assert_nothing_left(&board, "heavy.yaml");
+}
