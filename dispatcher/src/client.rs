@@ -177,6 +177,7 @@ impl Session {
         &mut self,
         entry: &DeployEntry,
         timeout: Duration,
+        on_progress: &mut (dyn FnMut(&pb::DeployProgress) + Send),
     ) -> Result<pb::DeployReply, Failure> {
         let bmap = match entry.bmap.as_deref() {
             Some(b) if !crate::job::is_url(b) => tokio::fs::read_to_string(b)
@@ -216,8 +217,8 @@ impl Session {
                 .client
                 .deploy(with_deadline(tokio_stream::iter([msg]), timeout))
                 .await;
-            return r
-                .map(|r| r.into_inner())
+            return deploy_result(r, on_progress)
+                .await
                 .map_err(|s| failure(&format!("deploying {url} to {}", entry.to), &s));
         }
         let mut file = tokio::fs::File::open(&entry.image)
@@ -257,6 +258,7 @@ impl Session {
             .client
             .deploy(with_deadline(ReceiverStream::new(rx), timeout))
             .await;
+        let result = deploy_result(result, on_progress).await;
         let local = reader
             .await
             .map_err(|e| Failure::agent(format!("image reader: {e}")))?;
@@ -270,7 +272,7 @@ impl Session {
             )));
         }
         match result {
-            Ok(r) => Ok(r.into_inner()),
+            Ok(r) => Ok(r),
             // The file is what the job says: what failed is the transfer or
             // the board's medium (read back), the lab's side either way.
             Err(s) if s.code() == Code::DataLoss => Err(Failure::agent(format!(
@@ -502,4 +504,29 @@ pub struct Fetched {
     pub files: Vec<String>,
     /// What the agent refused or cut, one line each.
     pub warnings: Vec<String>,
+}
+
+/// Reads a Deploy reply stream: progress to `on_progress`, then the result.
+async fn deploy_result(
+    call: Result<tonic::Response<tonic::Streaming<pb::DeployEvent>>, Status>,
+    on_progress: &mut (dyn FnMut(&pb::DeployProgress) + Send),
+) -> Result<pb::DeployReply, Status> {
+    use pb::deploy_event::Event;
+    let mut events = call?.into_inner();
+    loop {
+        match events.message().await? {
+            Some(pb::DeployEvent {
+                event: Some(Event::Progress(p)),
+            }) => on_progress(&p),
+            Some(pb::DeployEvent {
+                event: Some(Event::Done(r)),
+            }) => return Ok(r),
+            Some(pb::DeployEvent { event: None }) => {}
+            None => {
+                return Err(Status::unknown(
+                    "the agent ended the deploy without a result",
+                ))
+            }
+        }
+    }
 }

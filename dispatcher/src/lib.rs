@@ -27,6 +27,7 @@ pub mod netns;
 pub mod outcome;
 pub mod output;
 pub mod power;
+pub mod progress;
 pub mod records;
 pub mod report;
 pub mod run;

@@ -21,6 +21,7 @@ use crate::lock::DeviceLock;
 use crate::outcome::{Class, Failure, Kind, Outcome, Phase, Verdict};
 use crate::output::{self, Boot};
 use crate::power;
+use crate::progress::DeployProgress;
 use crate::report;
 use crate::timings::Marks;
 
@@ -254,7 +255,16 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
     for entry in &ctx.job.deploy {
         let left = deploy_deadline.saturating_duration_since(Instant::now());
         let started = Instant::now();
-        let r = session.deploy(entry, left).await?;
+        let mut shown = DeployProgress::new(
+            ctx.events.clone(),
+            &entry.image.display().to_string(),
+            &entry.to,
+        );
+        let r = session
+            .deploy(entry, left, &mut |p| shown.update(p.into()))
+            .await;
+        shown.finish(r.as_ref().ok().map(|r| r.bytes_received));
+        let r = r?;
         let secs = started.elapsed().as_secs_f64();
         ctx.events.event("dispatcher", json!({ "kind": "deployed", "image": entry.image, "to": entry.to,
             "bytes_received": r.bytes_received, "bytes_written": r.bytes_written, "sha256": r.sha256, "seconds": secs,

@@ -50,10 +50,11 @@ impl MasterAgent for Board {
     ) -> Result<Response<pb::AgentInfo>, Status> {
         unused()
     }
+    type DeployStream = Pin<Box<dyn Stream<Item = Result<pb::DeployEvent, Status>> + Send>>;
     async fn deploy(
         &self,
         _: Request<Streaming<pb::DeployRequest>>,
-    ) -> Result<Response<pb::DeployReply>, Status> {
+    ) -> Result<Response<Self::DeployStream>, Status> {
         unused()
     }
     async fn install_test_agent(

@@ -72,6 +72,7 @@ fn ferry(platform: &SimPlatform, input: &Path, bmap: Option<&Bmap>) -> f64 {
         source_size: std::fs::metadata(input).expect("meta").len(),
         bmap: bmap.cloned(),
         readback: false,
+        progress: Default::default(),
     };
     let file = std::fs::File::open(input).expect("open");
     deploy::write_image(file, target, &spec).expect("deploy");

@@ -246,6 +246,11 @@ impl Agent {
         &self.boot_id
     }
 
+    /// The longest any call may run.
+    pub fn call_timeout(&self) -> Duration {
+        self.config.call_timeout
+    }
+
     /// The longest timeout an Exec call may ask for.
     pub fn exec_max_timeout(&self) -> Duration {
         self.config.exec_max_timeout
@@ -405,6 +410,9 @@ impl Agent {
         // The server's word on the size lets a raw image that cannot fit be
         // refused before the first byte is written.
         spec.source_size = d.size.unwrap_or(0);
+        spec.progress
+            .source_size
+            .store(spec.source_size, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(8);
         let pump = tokio::spawn(d.pump(tx));
         let r = self.deploy(spec, rx).await;
@@ -792,6 +800,7 @@ mod tests {
             source_size: 0,
             bmap: None,
             readback: false,
+            progress: Default::default(),
         }
     }
 

@@ -13,7 +13,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent::{Agent, AgentError};
-use crate::deploy::{Bmap, Compression, DeployError, ImageSpec, Written, SOURCE_BROKE};
+use crate::deploy::{Bmap, Compression, DeployError, ImageSpec, Progress, Written, SOURCE_BROKE};
 use crate::download::DownloadError;
 use crate::exec::{ExecError, ExecSpec, Exit, Output};
 use crate::install::InstallError;
@@ -125,6 +125,139 @@ fn reply(w: Written) -> pb::DeployReply {
     }
 }
 
+type DeployEvents = Pin<Box<dyn Stream<Item = Result<pb::DeployEvent, Status>> + Send>>;
+
+/// How often a running deploy reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// The caller's deadline (`grpc-timeout`: digits and a unit, H M S m u n).
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The deploy's progress as a reply message.
+fn progress_event(p: &Progress) -> pb::DeployEvent {
+    use std::sync::atomic::Ordering::Relaxed;
+    let readback = p.reading_back.load(Relaxed);
+    pb::DeployEvent {
+        event: Some(pb::deploy_event::Event::Progress(pb::DeployProgress {
+            bytes_received: p.received.load(Relaxed),
+            source_size: p.source_size.load(Relaxed),
+            image_bytes: p.image.load(Relaxed),
+            stage: if readback { "readback" } else { "writing" }.into(),
+            readback_bytes: p.read_back.load(Relaxed),
+        })),
+    }
+}
+
+/// Receives one deploy (header, then data or a URL) and writes it.
+async fn run_deploy(
+    agent: Arc<Agent>,
+    idle: Duration,
+    mut stream: Streaming<pb::DeployRequest>,
+    progress: Arc<Progress>,
+) -> Result<pb::DeployReply, Status> {
+    let first = tokio::time::timeout(idle, stream.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no deploy header received"))??;
+    let Some(pb::DeployRequest {
+        msg: Some(pb::deploy_request::Msg::Header(h)),
+    }) = first
+    else {
+        return Err(Status::invalid_argument(
+            "the first Deploy message must be a header",
+        ));
+    };
+    if !ferry_proto::is_sha256(&h.sha256) {
+        return Err(Status::invalid_argument(format!(
+            "sha256 {:?} is not 64 hex digits",
+            h.sha256
+        )));
+    }
+    // The whole deploy (download included) ends by the job's deadline.
+    let deadline = tokio::time::Instant::now()
+        + match h.timeout_ms {
+            0 => Duration::from_secs(24 * 3600),
+            ms => Duration::from_millis(ms),
+        };
+    let bmap = if !h.bmap.is_empty() {
+        Some(Bmap::parse(&h.bmap).map_err(AgentError::from)?)
+    } else if !h.bmap_url.is_empty() {
+        Some(agent.fetch_bmap(&h.bmap_url, deadline).await?)
+    } else {
+        None
+    };
+    progress
+        .source_size
+        .store(h.source_size, std::sync::atomic::Ordering::Relaxed);
+    let spec = ImageSpec {
+        partition: h.partition,
+        sha256: h.sha256.to_ascii_lowercase(),
+        compression: compression(h.compression),
+        source_size: h.source_size,
+        bmap,
+        readback: h.verify_readback,
+        progress,
+    };
+    tracing::info!(partition = %spec.partition, source = %h.source_name, url = %h.url, "deploy");
+    if !h.url.is_empty() {
+        let written = agent.deploy_url(spec, &h.url, deadline).await?;
+        return Ok(reply(written));
+    }
+    let (tx, rx) = mpsc::channel(8);
+    let agent = agent.clone();
+    let writer = tokio::spawn(async move { agent.deploy(spec, rx).await });
+    loop {
+        let next = match tokio::time::timeout(idle, stream.message()).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => {
+                let _ = tx
+                    .send(Err(std::io::Error::new(
+                        SOURCE_BROKE,
+                        status.message().to_string(),
+                    )))
+                    .await;
+                break;
+            }
+            Err(_) => {
+                let e = std::io::Error::new(SOURCE_BROKE, format!("no data for {:?}", idle));
+                let _ = tx.send(Err(e)).await;
+                break;
+            }
+        };
+        match next.msg {
+            Some(pb::deploy_request::Msg::Data(d)) => {
+                if tx.send(Ok(d)).await.is_err() {
+                    break; // the writer stopped early; its error says why
+                }
+            }
+            _ => {
+                let e =
+                    std::io::Error::new(SOURCE_BROKE, "a second header arrived inside the image");
+                let _ = tx.send(Err(e)).await;
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+    Ok(reply(written))
+}
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ResultsChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -152,98 +285,48 @@ impl MasterAgent for Service {
         }))
     }
 
+    type DeployStream = DeployEvents;
+
     async fn deploy(
         &self,
         req: Request<Streaming<pb::DeployRequest>>,
-    ) -> Result<Response<pb::DeployReply>, Status> {
-        let mut stream = req.into_inner();
-        let first = tokio::time::timeout(self.idle, stream.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no deploy header received"))??;
-        let Some(pb::DeployRequest {
-            msg: Some(pb::deploy_request::Msg::Header(h)),
-        }) = first
-        else {
-            return Err(Status::invalid_argument(
-                "the first Deploy message must be a header",
-            ));
+    ) -> Result<Response<DeployEvents>, Status> {
+        // The reply streams while the deploy runs, so the server's call
+        // timeout (which ends at the reply's headers) is applied here.
+        let limit = grpc_timeout(req.metadata()).map_or(self.agent.call_timeout(), |t| {
+            t.min(self.agent.call_timeout())
+        });
+        let stream = req.into_inner();
+        let progress = Arc::new(Progress::default());
+        let (tx, rx) = mpsc::channel(4);
+        let work = run_deploy(self.agent.clone(), self.idle, stream, progress.clone());
+        let work = async move {
+            tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                Err(Status::cancelled(format!(
+                    "the deploy call ran past its deadline ({})",
+                    humantime::format_duration(limit)
+                )))
+            })
         };
-        if !ferry_proto::is_sha256(&h.sha256) {
-            return Err(Status::invalid_argument(format!(
-                "sha256 {:?} is not 64 hex digits",
-                h.sha256
-            )));
-        }
-        // The whole deploy (download included) ends by the job's deadline.
-        let deadline = tokio::time::Instant::now()
-            + match h.timeout_ms {
-                0 => Duration::from_secs(24 * 3600),
-                ms => Duration::from_millis(ms),
-            };
-        let bmap = if !h.bmap.is_empty() {
-            Some(Bmap::parse(&h.bmap).map_err(AgentError::from)?)
-        } else if !h.bmap_url.is_empty() {
-            Some(self.agent.fetch_bmap(&h.bmap_url, deadline).await?)
-        } else {
-            None
-        };
-        let spec = ImageSpec {
-            partition: h.partition,
-            sha256: h.sha256.to_ascii_lowercase(),
-            compression: compression(h.compression),
-            source_size: h.source_size,
-            bmap,
-            readback: h.verify_readback,
-        };
-        tracing::info!(partition = %spec.partition, source = %h.source_name, url = %h.url, "deploy");
-        if !h.url.is_empty() {
-            let written = self.agent.deploy_url(spec, &h.url, deadline).await?;
-            return Ok(Response::new(reply(written)));
-        }
-        let (tx, rx) = mpsc::channel(8);
-        let agent = self.agent.clone();
-        let writer = tokio::spawn(async move { agent.deploy(spec, rx).await });
-        loop {
-            let next = match tokio::time::timeout(self.idle, stream.message()).await {
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => break,
-                Ok(Err(status)) => {
-                    let _ = tx
-                        .send(Err(std::io::Error::new(
-                            SOURCE_BROKE,
-                            status.message().to_string(),
-                        )))
-                        .await;
-                    break;
-                }
-                Err(_) => {
-                    let e =
-                        std::io::Error::new(SOURCE_BROKE, format!("no data for {:?}", self.idle));
-                    let _ = tx.send(Err(e)).await;
-                    break;
-                }
-            };
-            match next.msg {
-                Some(pb::deploy_request::Msg::Data(d)) => {
-                    if tx.send(Ok(d)).await.is_err() {
-                        break; // the writer stopped early; its error says why
+        tokio::spawn(async move {
+            tokio::pin!(work);
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let result = loop {
+                tokio::select! {
+                    r = &mut work => break r,
+                    _ = tick.tick() => {
+                        // A dispatcher reading slowly misses progress; it never slows the deploy.
+                        let _ = tx.try_send(Ok(progress_event(&progress)));
                     }
                 }
-                _ => {
-                    let e = std::io::Error::new(
-                        SOURCE_BROKE,
-                        "a second header arrived inside the image",
-                    );
-                    let _ = tx.send(Err(e)).await;
-                    break;
-                }
-            }
-        }
-        drop(tx);
-        let written = writer
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
-        Ok(Response::new(reply(written)))
+            };
+            let last = result.map(|r| pb::DeployEvent {
+                event: Some(pb::deploy_event::Event::Done(r)),
+            });
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn install_test_agent(

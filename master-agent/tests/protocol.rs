@@ -284,8 +284,7 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
         ("nope", "not in this board's `allowed_partitions`"),
     ] {
         let before = std::fs::read(agent.dir.path().join(partition)).ok();
-        let e = c
-            .deploy(deploy(partition, vec![1; 10], 10))
+        let e = done(c.deploy(deploy(partition, vec![1; 10], 10)))
             .await
             .expect_err(partition);
         assert_eq!(
@@ -302,13 +301,14 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
         );
     }
     for bad in ["../small", "small/", ".hidden", "a b"] {
-        let e = c.deploy(deploy(bad, vec![1; 10], 10)).await.expect_err(bad);
+        let e = done(c.deploy(deploy(bad, vec![1; 10], 10)))
+            .await
+            .expect_err(bad);
         assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {}", e.message());
     }
     assert_eq!(agent.file("small"), vec![0u8; 4096], "small unchanged");
     // Allowed, but the board has no such partition.
-    let e = c
-        .deploy(deploy("gone", vec![1; 10], 10))
+    let e = done(c.deploy(deploy("gone", vec![1; 10], 10)))
         .await
         .expect_err("unknown");
     assert_eq!(e.code(), Code::NotFound, "{}", e.message());
@@ -341,13 +341,11 @@ async fn out_of_order_and_unsafe_calls_are_refused_with_the_right_codes() {
         .into_inner();
     let names: Vec<_> = info.partitions.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(names, ["small", "testrootfs"]);
-    let e = c
-        .deploy(deploy("small", vec![1; 8192], 8192))
+    let e = done(c.deploy(deploy("small", vec![1; 8192], 8192)))
         .await
         .expect_err("too big");
     assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
-    let e = c
-        .deploy(deploy("small", vec![1; 100], 100))
+    let e = done(c.deploy(deploy("small", vec![1; 100], 100)))
         .await
         .expect_err("bad sha");
     assert_eq!(e.code(), Code::DataLoss, "{}", e.message());
@@ -414,8 +412,7 @@ async fn a_mounted_partition_or_an_unreadable_mount_table_is_never_written() {
             Some(text) => std::fs::write(&table, text).expect("w"),
             None => std::fs::remove_file(&table).expect("rm"),
         }
-        let e = c
-            .deploy(deploy_req("small", image.clone(), sha256(&image), "t"))
+        let e = done(c.deploy(deploy_req("small", image.clone(), sha256(&image), "t")))
             .await
             .expect_err(why);
         assert_eq!(
@@ -432,7 +429,7 @@ async fn a_mounted_partition_or_an_unreadable_mount_table_is_never_written() {
     }
     // The same call lands once the table says it may: the refusals were the mount state.
     std::fs::write(&table, ROOT_MOUNT).expect("w");
-    c.deploy(deploy_req("small", image.clone(), sha256(&image), "t"))
+    done(c.deploy(deploy_req("small", image.clone(), sha256(&image), "t")))
         .await
         .expect("unmounted");
     assert_eq!(&agent.file("small")[..100], &image[..]);
@@ -561,8 +558,7 @@ async fn a_second_partition_labelled_like_the_target_is_refused_before_a_byte() 
     );
     let mut c = agent.client().await;
     let image = vec![7u8; 100];
-    let e = c
-        .deploy(deploy_req("testrootfs", image.clone(), sha256(&image), "t"))
+    let e = done(c.deploy(deploy_req("testrootfs", image.clone(), sha256(&image), "t")))
         .await
         .expect_err("duplicate label");
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
@@ -600,10 +596,7 @@ async fn a_claimed_or_mounted_block_device_is_refused_before_a_byte() {
     let call = |c: &mut MasterAgentClient<Channel>| {
         let mut c = c.clone();
         let image = image.clone();
-        async move {
-            c.deploy(deploy_req("testrootfs", image.clone(), sha256(&image), "t"))
-                .await
-        }
+        async move { done(c.deploy(deploy_req("testrootfs", image.clone(), sha256(&image), "t"))).await }
     };
 
     // Claimed by another exclusive opener.
@@ -753,7 +746,7 @@ async fn call_every_rpc(
     );
     push(
         "Deploy",
-        c.deploy(req(tokio_stream::iter(vec![header, data]), token))
+        done(c.deploy(req(tokio_stream::iter(vec![header, data]), token)))
             .await
             .map(drop),
     );
@@ -913,12 +906,76 @@ async fn tls_is_pinned_to_the_announced_certificate_and_required() {
 }
 
 #[tokio::test]
+async fn a_deploy_reports_its_progress_while_the_image_streams_then_its_result() {
+    let (_agent, mut c) = Agent::authed().await;
+    let image: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let header = pb::DeployHeader {
+        partition: "small".into(),
+        sha256: sha256(&image),
+        source_size: image.len() as u64,
+        ..Default::default()
+    };
+    let send = |m| pb::DeployRequest { msg: Some(m) };
+    tx.send(send(pb::deploy_request::Msg::Header(header)))
+        .await
+        .expect("send");
+    tx.send(send(pb::deploy_request::Msg::Data(image[..1000].to_vec())))
+        .await
+        .expect("send");
+    let mut events = c
+        .deploy(authed(tokio_stream::wrappers::ReceiverStream::new(rx), "t"))
+        .await
+        .expect("call")
+        .into_inner();
+    // The rest is held back until the agent has said it has the first 1000 bytes.
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events
+                .message()
+                .await
+                .expect("stream")
+                .expect("event")
+                .event
+            {
+                Some(pb::deploy_event::Event::Progress(p)) if p.bytes_received == 1000 => break p,
+                Some(pb::deploy_event::Event::Done(r)) => panic!("done before all data: {r:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("a progress event for the first 1000 bytes");
+    assert_eq!((seen.source_size, seen.stage.as_str()), (4096, "writing"));
+    tx.send(send(pb::deploy_request::Msg::Data(image[1000..].to_vec())))
+        .await
+        .expect("send");
+    drop(tx);
+    let reply = loop {
+        match events
+            .message()
+            .await
+            .expect("stream")
+            .expect("event")
+            .event
+        {
+            Some(pb::deploy_event::Event::Done(r)) => break r,
+            _ => {}
+        }
+    };
+    assert_eq!(reply.bytes_received, 4096);
+    assert!(
+        events.message().await.expect("end").is_none(),
+        "the result is last"
+    );
+}
+
+#[tokio::test]
 async fn oversized_messages_and_calls_that_never_end_are_cut_off() {
     let (agent, mut c) = Agent::authed_with("max_message_bytes: 1048576\ncall_timeout: 2s\n").await;
 
     let big = vec![1u8; 2 << 20];
-    let e = c
-        .deploy(deploy_req("small", big.clone(), sha256(&big), "t"))
+    let e = done(c.deploy(deploy_req("small", big.clone(), sha256(&big), "t")))
         .await
         .expect_err("too large");
     assert!(
@@ -943,7 +1000,7 @@ async fn oversized_messages_and_calls_that_never_end_are_cut_off() {
     let started = std::time::Instant::now();
     let e = tokio::time::timeout(
         Duration::from_secs(20),
-        c.deploy(authed(tokio_stream::wrappers::ReceiverStream::new(rx), "t")),
+        done(c.deploy(authed(tokio_stream::wrappers::ReceiverStream::new(rx), "t"))),
     )
     .await
     .expect("the agent ends the call")
@@ -956,10 +1013,7 @@ async fn oversized_messages_and_calls_that_never_end_are_cut_off() {
     let image = vec![9u8; 100];
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match c
-            .deploy(deploy_req("small", image.clone(), sha256(&image), "t"))
-            .await
-        {
+        match done(c.deploy(deploy_req("small", image.clone(), sha256(&image), "t"))).await {
             Ok(_) => break,
             Err(e) if e.message().contains("busy") && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1120,4 +1174,19 @@ async fn exec_streams_output_and_status_and_maps_its_errors() {
         let (_, _, end) = exec(&mut c, argv, b"", timeout).await;
         assert_eq!(end.expect_err("refused").code(), code, "{argv:?} {timeout}");
     }
+}
+
+/// Reads a Deploy reply stream to its result (progress is skipped).
+async fn done(
+    call: impl std::future::Future<
+        Output = Result<tonic::Response<tonic::Streaming<pb::DeployEvent>>, tonic::Status>,
+    >,
+) -> Result<pb::DeployReply, tonic::Status> {
+    let mut events = call.await?.into_inner();
+    while let Some(e) = events.message().await? {
+        if let Some(pb::deploy_event::Event::Done(r)) = e.event {
+            return Ok(r);
+        }
+    }
+    Err(tonic::Status::unknown("no result"))
 }

@@ -271,6 +271,41 @@ fn an_image_that_does_not_match_its_sha256_is_a_job_error_and_never_booted() {
 }
 
 #[test]
+fn deploy_progress_is_recorded_in_events_with_the_last_at_every_byte() {
+    let board = SimBoard::new();
+    let image = workspace().join("examples/jobs/images/firmware.img.gz");
+    let total = std::fs::metadata(&image).expect("image").len();
+    let job = board.job(
+        "progress.yaml",
+        &format!(
+            "job: progress\ndeploy:\n  - image: {}\n    to: firmware\n    sha256: 55376c69c6e130098e3bb28ef20af97ef9a78f720015cc5d216dae90d85865ca\n",
+            image.display()
+        ),
+    );
+    let run = board.run(&job);
+    run.expect_outcome("complete");
+    let progress: Vec<serde_json::Value> = run
+        .text("events.jsonl")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["kind"] == "deploy-progress")
+        .collect();
+    let last = progress.last().expect("progress events");
+    assert_eq!(
+        (
+            last["stage"].as_str(),
+            last["bytes_received"].as_u64(),
+            last["source_size"].as_u64(),
+            last["percent"].as_u64()
+        ),
+        (Some("done"), Some(total), Some(total), Some(100)),
+        "{last}"
+    );
+    assert!(last["mib_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{last}");
+    assert_eq!(last["to"], "firmware");
+}
+
+#[test]
 fn a_medium_that_changes_a_byte_fails_readback_before_any_boot_naming_both_hashes() {
     let board = SimBoard::new();
     let prepared = Command::new(bin("ferry-sim-board"))

@@ -62,6 +62,12 @@ impl Compression {
     /// A disk image never carries it there (a partition table's boot code or
     /// a filesystem's reserved start).
     pub fn is_tarball(self, head: &[u8]) -> bool {
+        self.tarball(head) == Some(true)
+    }
+
+    /// [`Compression::is_tarball`], or `None` while `head` is too short to
+    /// tell (its decoded start does not reach the magic yet).
+    pub fn tarball(self, head: &[u8]) -> Option<bool> {
         let mut start = Vec::with_capacity(512);
         let decoded = match self.decoder(head) {
             Ok(Some(mut d)) => {
@@ -69,9 +75,9 @@ impl Compression {
                 &start[..]
             }
             Ok(None) => head,
-            Err(_) => return false,
+            Err(_) => return Some(false),
         };
-        decoded.get(257..262) == Some(b"ustar")
+        decoded.get(257..262).map(|m| m == b"ustar")
     }
 
     /// A streaming decoder reading `input`; `None` for a raw image.

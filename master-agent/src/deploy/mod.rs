@@ -17,8 +17,9 @@ pub mod sparse;
 use std::io::{BufRead, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
@@ -36,6 +37,23 @@ const DEPTH: usize = 4;
 /// Bytes zeroed at the start of a partition whose deploy failed.
 const INVALIDATE: u64 = 1 << 20;
 
+/// How far a deploy has got, updated by its threads and read by whoever
+/// reports it (the gRPC service streams it to the dispatcher).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes of the file as given received.
+    pub received: AtomicU64,
+    /// Size of that file; 0 if unknown.
+    pub source_size: AtomicU64,
+    /// Bytes of the decoded image placed (or unpacked).
+    pub image: AtomicU64,
+    /// Bytes read back (`verify: readback`); the deploy is in that stage
+    /// once `reading_back` is set.
+    pub read_back: AtomicU64,
+    /// The written image is being read back.
+    pub reading_back: AtomicBool,
+}
+
 /// What to write and how to check it.
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
@@ -52,6 +70,8 @@ pub struct ImageSpec {
     /// Read the written image back from the partition (past the page
     /// cache) and check it: its sha256, or each bmap range's checksum.
     pub readback: bool,
+    /// Where the deploy reports how far it has got.
+    pub progress: Arc<Progress>,
 }
 
 /// What was written.
@@ -225,11 +245,14 @@ fn fill(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<()> {
 /// (`drain`), the rest is still read and hashed so a transfer corruption is
 /// told apart from a corrupt file.
 fn read_stage(
-    mut source: impl Read,
+    source: impl Read,
     out: SyncSender<Vec<u8>>,
     pool: &Pool,
     drain: &AtomicBool,
+    progress: &Progress,
 ) -> Result<(u64, String), Result<DeployError, Stopped>> {
+    // Counted as it arrives, not per block, so a slow source shows progress.
+    let mut source = Counted(source, &progress.received);
     let mut hasher = Sha256::new();
     let mut count = 0u64;
     let mut open = true;
@@ -381,7 +404,7 @@ fn pipeline(
     let (read_pool, decode_pool) = (Pool::new(), Pool::new());
     std::thread::scope(|scope| {
         let (raw_tx, raw_rx) = sync_channel::<Vec<u8>>(DEPTH);
-        let reader = scope.spawn(|| read_stage(source, raw_tx, &read_pool, &drain));
+        let reader = scope.spawn(|| read_stage(source, raw_tx, &read_pool, &drain, &spec.progress));
 
         // The first block decides the format (and, raw, whether it fits).
         let first = raw_rx.recv().ok();
@@ -406,6 +429,9 @@ fn pipeline(
             (None, Compression::None | Compression::Detect) => {
                 let placed = first.into_iter().chain(raw_rx.iter()).try_for_each(|b| {
                     let r = placer.put(&b);
+                    spec.progress
+                        .image
+                        .store(placer.offset(), Ordering::Relaxed);
                     let _ = read_pool.give.try_send(b);
                     r
                 });
@@ -427,6 +453,9 @@ fn pipeline(
                         h.update(&b);
                     }
                     let r = placer.put(&b);
+                    spec.progress
+                        .image
+                        .store(placer.offset(), Ordering::Relaxed);
                     let _ = decode_pool.give.try_send(b);
                     r
                 });
@@ -582,6 +611,8 @@ fn read_back(
         nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
     );
     let mut buf = vec![0u8; BLOCK];
+    let progress = &spec.progress;
+    progress.reading_back.store(true, Ordering::Relaxed);
     let mut hash_range = |start: u64, end: u64, h: &mut dyn FnMut(&[u8])| {
         let mut at = start;
         while at < end {
@@ -592,6 +623,7 @@ fn read_back(
                 .map_err(io_err)?;
             h(&buf[..n]);
             at += n as u64;
+            progress.read_back.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok::<(), DeployError>(())
     };
@@ -657,7 +689,7 @@ pub fn write_rootfs(
     let (read_pool, decode_pool) = (Pool::new(), Pool::new());
     std::thread::scope(|scope| {
         let (raw_tx, raw_rx) = sync_channel::<Vec<u8>>(DEPTH);
-        let reader = scope.spawn(|| read_stage(source, raw_tx, &read_pool, &drain));
+        let reader = scope.spawn(|| read_stage(source, raw_tx, &read_pool, &drain, &spec.progress));
         let first = raw_rx.recv().ok();
         let compression = spec
             .compression
@@ -670,7 +702,7 @@ pub fn write_rootfs(
         };
         let (unpacked, image, decoded) = match compression {
             Compression::None | Compression::Detect => {
-                let (u, n) = unpack_stream(root, raw, capacity, &drain);
+                let (u, n) = unpack_stream(root, raw, capacity, &drain, &spec.progress);
                 (u, n, Ok(()))
             }
             c => {
@@ -683,7 +715,7 @@ pub fn write_rootfs(
                     buf: Vec::new(),
                     pos: 0,
                 };
-                let (u, n) = unpack_stream(root, input, capacity, drain);
+                let (u, n) = unpack_stream(root, input, capacity, drain, &spec.progress);
                 let decoded = decoder
                     .join()
                     .unwrap_or_else(|_| Err(Ok(std::io::Error::other("the decoder panicked"))));
@@ -720,8 +752,9 @@ fn unpack_stream(
     input: QueueReader<'_>,
     limit: u64,
     drain: &AtomicBool,
+    progress: &Progress,
 ) -> (Result<Unpacked, rootfs::UnpackError>, u64) {
-    let mut input = Counted(input, 0);
+    let mut input = Counted(input, &progress.image);
     let r = rootfs::unpack(root, &mut input, limit).and_then(|u| {
         std::io::copy(&mut input, &mut std::io::sink())
             .map(|_| u)
@@ -730,16 +763,16 @@ fn unpack_stream(
     if r.is_err() {
         drain.store(true, Ordering::Release);
     }
-    (r, input.1)
+    (r, progress.image.load(Ordering::Relaxed))
 }
 
 /// A reader that counts the bytes read through it.
-struct Counted<R>(R, u64);
+struct Counted<'a, R>(R, &'a AtomicU64);
 
-impl<R: Read> Read for Counted<R> {
+impl<R: Read> Read for Counted<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.0.read(buf)?;
-        self.1 += n as u64;
+        self.1.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -762,8 +795,29 @@ const SNIFF: u64 = 64 << 10;
 /// pipeline reports it as it would any other).
 pub fn sniff(mut source: impl Read, compression: Compression) -> (impl Read, Content) {
     let mut head = Vec::new();
-    let error = source.by_ref().take(SNIFF).read_to_end(&mut head).err();
-    let content = if error.is_none() && compression.resolve(&head).is_tarball(&head) {
+    let mut error = None;
+    // Only as much as it takes to tell (usually the first read), so the
+    // pipeline (and its progress) starts at once.
+    let tarball = loop {
+        let mut piece = [0u8; 16 << 10];
+        let room = (SNIFF as usize).saturating_sub(head.len()).min(piece.len());
+        match source.read(&mut piece[..room]) {
+            Ok(0) => break compression.resolve(&head).is_tarball(&head),
+            Ok(n) => head.extend_from_slice(&piece[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error = Some(e);
+                break false;
+            }
+        }
+        if let Some(t) = compression.resolve(&head).tarball(&head) {
+            break t;
+        }
+        if head.len() as u64 >= SNIFF {
+            break false;
+        }
+    };
+    let content = if tarball {
         Content::Tarball
     } else {
         Content::Image
@@ -861,6 +915,7 @@ mod tests {
             source_size,
             bmap: None,
             readback: false,
+            progress: Default::default(),
         }
     }
 
