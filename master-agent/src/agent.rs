@@ -193,6 +193,8 @@ fn deploy_rootfs(
     source: impl Read + Send,
     spec: &ImageSpec,
 ) -> Result<(Written, deploy::Unpacked), AgentError> {
+    // Refused before the partition's filesystem is wiped.
+    deploy::check_rootfs_spec(spec)?;
     let made = platform.make_filesystem(&spec.partition);
     let result = made.map_err(AgentError::from).and_then(|fs| {
         let root =

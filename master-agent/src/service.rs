@@ -38,11 +38,24 @@ impl From<AgentError> for Status {
             },
             AgentError::Deploy(d) => match d {
                 DeployError::TooLarge { .. } => Status::out_of_range(msg),
-                DeployError::Checksum { .. }
-                | DeployError::RangeChecksum { .. }
-                | DeployError::Readback { .. } => Status::data_loss(msg),
+                DeployError::Checksum { .. } | DeployError::RangeChecksum { .. } => {
+                    Status::data_loss(msg)
+                }
+                // The bytes were right and the medium gave others back: the
+                // board's fault whatever the source (a URL's DATA_LOSS is the job's).
+                DeployError::Readback { .. } => Status::internal(msg),
+                // A full or failing partition is the board's, not the tarball's.
+                DeployError::Rootfs {
+                    source: crate::deploy::rootfs::UnpackError::Write { .. },
+                    ..
+                } => Status::internal(msg),
+                DeployError::Rootfs {
+                    source: crate::deploy::rootfs::UnpackError::TooLarge { .. },
+                    ..
+                } => Status::out_of_range(msg),
                 DeployError::Corrupt { .. }
                 | DeployError::Bmap { .. }
+                | DeployError::Unsupported { .. }
                 | DeployError::Rootfs { .. } => Status::invalid_argument(msg),
                 DeployError::Source { .. } => Status::aborted(msg),
                 DeployError::Write { .. } => Status::internal(msg),
@@ -503,5 +516,52 @@ impl MasterAgent for Service {
             let _ = reply_tx.send(last).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(reply_rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deploy::rootfs::UnpackError;
+    use tonic::Code;
+
+    fn code(e: DeployError) -> Code {
+        Status::from(AgentError::Deploy(e)).code()
+    }
+
+    fn rootfs(source: UnpackError) -> DeployError {
+        DeployError::Rootfs {
+            partition: "p".into(),
+            source,
+        }
+    }
+
+    /// The dispatcher classes input codes as the job's fault and the rest
+    /// as the board's: a medium that reads back wrong, or a full or failing
+    /// disk under a tarball, must not come out as the job's.
+    #[test]
+    fn the_boards_faults_never_get_an_input_code() {
+        let readback = DeployError::Readback {
+            partition: "p".into(),
+            what: "image".into(),
+            expected: "a".into(),
+            actual: "b".into(),
+        };
+        assert_eq!(code(readback), Code::Internal);
+        let write = rootfs(UnpackError::Write {
+            entry: "usr/bin/x".into(),
+            source: std::io::Error::other("EIO"),
+        });
+        assert_eq!(code(write), Code::Internal);
+        let hostile = rootfs(UnpackError::Hostile {
+            entry: "../x".into(),
+            why: "climbs".into(),
+        });
+        assert_eq!(code(hostile), Code::InvalidArgument);
+        let large = rootfs(UnpackError::TooLarge {
+            what: "bytes",
+            limit: 1,
+        });
+        assert_eq!(code(large), Code::OutOfRange);
     }
 }

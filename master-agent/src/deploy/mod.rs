@@ -149,6 +149,14 @@ pub enum DeployError {
         /// The checksum of what was read back.
         actual: String,
     },
+    /// The job asks for something this image cannot have.
+    #[error("image for {partition:?}: {why}")]
+    Unsupported {
+        /// The partition.
+        partition: String,
+        /// What and why.
+        why: String,
+    },
     /// A rootfs tarball that cannot be unpacked inside its filesystem.
     #[error("rootfs tarball for {partition:?}: {source}; partition invalidated")]
     Rootfs {
@@ -665,6 +673,29 @@ fn read_back(
 }
 
 /// Unpacks the rootfs tarball read from `source` (compressed or not) into
+/// What a rootfs tarball cannot be asked for: a bmap (it maps a disk
+/// image) or a read-back (the files are not a byte range to read back).
+/// Checked before the partition's filesystem is made.
+///
+/// # Errors
+/// [`DeployError::Bmap`] or [`DeployError::Unsupported`].
+pub fn check_rootfs_spec(spec: &ImageSpec) -> Result<(), DeployError> {
+    if spec.bmap.is_some() {
+        return Err(DeployError::Bmap {
+            partition: spec.partition.clone(),
+            why: "a bmap maps a disk image; this image is a rootfs tarball".into(),
+        });
+    }
+    if spec.readback {
+        return Err(DeployError::Unsupported {
+            partition: spec.partition.clone(),
+            why: "verify: readback reads back a disk image; this image is a rootfs tarball (its sha256 is still checked)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Unpacks the (possibly compressed) rootfs tarball `source` into
 /// `root`, a fresh filesystem of `capacity` bytes, confined to it (see
 /// [`rootfs`]), and verifies the file as given. Reading and hashing,
 /// decoding and unpacking run on their own threads. The caller makes the
@@ -679,12 +710,7 @@ pub fn write_rootfs(
     spec: &ImageSpec,
 ) -> Result<(Written, Unpacked), DeployError> {
     let partition = spec.partition.as_str();
-    if spec.bmap.is_some() {
-        return Err(DeployError::Bmap {
-            partition: partition.into(),
-            why: "a bmap maps a disk image; this image is a rootfs tarball".into(),
-        });
-    }
+    check_rootfs_spec(spec)?;
     let drain = AtomicBool::new(false);
     let (read_pool, decode_pool) = (Pool::new(), Pool::new());
     std::thread::scope(|scope| {
@@ -1250,5 +1276,15 @@ mod tests {
         )
         .expect_err("broken");
         assert!(matches!(err, DeployError::Source { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_tarball_cannot_be_read_back_or_mapped_and_is_refused_before_mkfs() {
+        let mut s = spec(String::new(), 0);
+        assert!(check_rootfs_spec(&s).is_ok());
+        s.readback = true;
+        let err = check_rootfs_spec(&s).expect_err("readback");
+        assert!(matches!(err, DeployError::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("readback"), "{err}");
     }
 }

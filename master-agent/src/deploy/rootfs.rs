@@ -9,14 +9,22 @@
 //! (devtmpfs provides `/dev`); the bytes unpacked are bounded by the
 //! partition's size.
 
-use std::io::Read;
+use std::cell::Cell;
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use cap_std::fs::{Dir, OpenOptions};
 
 /// Entries one tarball may hold: bounds the work a hostile one can cause.
 pub const MAX_ENTRIES: u64 = 10_000_000;
+
+/// Stream bytes the tar reader may consume between two entries' data: the
+/// next header, padding, GNU long names and PAX records (which it holds in
+/// memory whole), and the data of entries that are not unpacked. Beyond it
+/// a small compressed tarball could make the agent allocate gigabytes.
+pub const MAX_METADATA: u64 = 1 << 20;
 
 /// What was unpacked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,6 +66,14 @@ pub enum UnpackError {
     /// stream under it failed).
     #[error("reading the tarball: {0}")]
     Read(std::io::Error),
+    /// Writing to the new filesystem failed (the partition, not the tarball).
+    #[error("writing tarball entry {entry:?} to the partition: {source}")]
+    Write {
+        /// The entry's path as the tarball gives it.
+        entry: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Checks an entry path: relative, plain components only.
@@ -83,15 +99,85 @@ fn hostile(entry: &str, why: impl Into<String>) -> UnpackError {
     }
 }
 
-/// A write into the tree failed: a path that would leave it (cap-std's
-/// refusal) is the tarball's fault, as is anything else the tree refuses.
+/// A write into the tree failed. A path that would leave it (cap-std's
+/// refusal) or that the tree's shape forbids (a file where a folder must
+/// be, a loop of links) is the tarball's fault; a full or failing disk is
+/// the partition's.
 fn placing(entry: &str) -> impl FnOnce(std::io::Error) -> UnpackError + '_ {
+    use std::io::ErrorKind as K;
     move |e| {
-        hostile(
-            entry,
-            format!("cannot be placed inside the filesystem: {e}"),
-        )
+        let tarballs_fault = e.raw_os_error() == Some(nix::libc::ELOOP)
+            || matches!(
+                e.kind(),
+                K::PermissionDenied
+                    | K::AlreadyExists
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::DirectoryNotEmpty
+                    | K::NotFound
+                    | K::InvalidInput
+                    | K::InvalidFilename
+                    | K::TooManyLinks
+            );
+        if tarballs_fault {
+            hostile(
+                entry,
+                format!("cannot be placed inside the filesystem: {e}"),
+            )
+        } else {
+            UnpackError::Write {
+                entry: entry.into(),
+                source: e,
+            }
+        }
     }
+}
+
+/// The tar stream with a byte allowance the unpacker sets before each step.
+struct Allowance<R> {
+    inner: R,
+    left: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Allowance<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 {
+            return Err(std::io::Error::other(
+                "more tar metadata than the unpacker allows",
+            ));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left.set(left - n as u64);
+        Ok(n)
+    }
+}
+
+/// Copies an entry's data into `file`, telling a failing read (the
+/// tarball) from a failing write (the partition).
+fn copy_data(entry: &mut impl Read, file: &mut impl Write, name: &str) -> Result<u64, UnpackError> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(UnpackError::Read(e)),
+        };
+        file.write_all(&buf[..n]).map_err(|source| UnpackError::Write {
+            entry: name.into(),
+            source,
+        })?;
+        total += n as u64;
+    }
+}
+
+/// An owner id the tarball gives, refused when it does not fit (rather
+/// than silently becoming root).
+fn id(value: u64, what: &str, entry: &str) -> Result<u32, UnpackError> {
+    u32::try_from(value).map_err(|_| hostile(entry, format!("{what} {value} is out of range")))
 }
 
 /// Splits `path` into its parent folder (opened inside `root`, symlinks
@@ -112,16 +198,12 @@ fn parent_of<'p>(root: &Dir, path: &'p Path, entry: &str) -> Result<(Dir, &'p Pa
 }
 
 /// Sets owner (when running as root) and then mode (chown clears set-id bits).
-fn own(fd: impl AsFd, uid: u64, gid: u64, mode: u32, as_root: bool) -> std::io::Result<()> {
+fn own(fd: impl AsFd, uid: u32, gid: u32, mode: u32, as_root: bool) -> std::io::Result<()> {
     if as_root {
-        let (u, g) = (
-            u32::try_from(uid).unwrap_or(0),
-            u32::try_from(gid).unwrap_or(0),
-        );
         nix::unistd::fchown(
             &fd,
-            Some(nix::unistd::Uid::from_raw(u)),
-            Some(nix::unistd::Gid::from_raw(g)),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
         )?;
     }
     nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(mode))?;
@@ -131,13 +213,13 @@ fn own(fd: impl AsFd, uid: u64, gid: u64, mode: u32, as_root: bool) -> std::io::
 /// The same for a folder: cap-std holds folders as `O_PATH` descriptors,
 /// which take no `fchown`, so the calls name `.` inside the (already
 /// confined) folder.
-fn own_dir(dir: &Dir, uid: u64, gid: u64, mode: u32, as_root: bool) -> std::io::Result<()> {
+fn own_dir(dir: &Dir, uid: u32, gid: u32, mode: u32, as_root: bool) -> std::io::Result<()> {
     if as_root {
         nix::unistd::fchownat(
             dir,
             ".",
-            Some(nix::unistd::Uid::from_raw(u32::try_from(uid).unwrap_or(0))),
-            Some(nix::unistd::Gid::from_raw(u32::try_from(gid).unwrap_or(0))),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
             nix::fcntl::AtFlags::empty(),
         )?;
     }
@@ -154,14 +236,34 @@ fn own_dir(dir: &Dir, uid: u64, gid: u64, mode: u32, as_root: bool) -> std::io::
 /// most `limit` bytes of file data. The stream is read to its end marker.
 ///
 /// # Errors
-/// A hostile entry, too much data, or an unreadable stream.
+/// A hostile entry, too much data or metadata, an unreadable stream, or a
+/// failing partition.
 pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, UnpackError> {
     let as_root = nix::unistd::geteuid().is_root();
-    let mut archive = tar::Archive::new(input);
+    let left = Rc::new(Cell::new(MAX_METADATA));
+    let mut archive = tar::Archive::new(Allowance {
+        inner: input,
+        left: left.clone(),
+    });
+    let mut iter = archive.entries().map_err(UnpackError::Read)?;
     let mut done = Unpacked::default();
     let mut entries = 0u64;
-    for entry in archive.entries().map_err(UnpackError::Read)? {
-        let mut entry = entry.map_err(UnpackError::Read)?;
+    // Folder modes and owners are set last, deepest first, as tar does: a
+    // read-only folder must not refuse the entries that go into it.
+    let mut dirs: Vec<(PathBuf, String, u32, u32, u32)> = Vec::new();
+    loop {
+        left.set(MAX_METADATA);
+        let Some(entry) = iter.next() else { break };
+        let mut entry = entry.map_err(|e| {
+            if left.get() == 0 {
+                UnpackError::TooLarge {
+                    what: "bytes of headers, long names and skipped entries in a row",
+                    limit: MAX_METADATA,
+                }
+            } else {
+                UnpackError::Read(e)
+            }
+        })?;
         entries += 1;
         if entries > MAX_ENTRIES {
             return Err(UnpackError::TooLarge {
@@ -169,21 +271,24 @@ pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, Unpa
                 limit: MAX_ENTRIES,
             });
         }
+        let kind = entry.header().entry_type();
+        // Metadata entries the tar reader has already applied (PAX) or that
+        // apply to no path here (a PAX global header's name is arbitrary).
+        if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+            continue;
+        }
         let raw = entry.path().map_err(UnpackError::Read)?.into_owned();
         let name = raw.display().to_string();
         let path = plain(&raw, &name)?;
         let header = entry.header();
         let mode = header.mode().map_err(UnpackError::Read)? & 0o7777;
-        let (uid, gid) = (
-            header.uid().map_err(UnpackError::Read)?,
-            header.gid().map_err(UnpackError::Read)?,
-        );
+        let uid = id(header.uid().map_err(UnpackError::Read)?, "uid", &name)?;
+        let gid = id(header.gid().map_err(UnpackError::Read)?, "gid", &name)?;
         let mtime = header.mtime().unwrap_or(0);
-        let kind = header.entry_type();
         if path.as_os_str().is_empty() {
             // `./` itself: the filesystem's root folder.
             if kind.is_dir() {
-                own_dir(root, uid, gid, mode, as_root).map_err(placing(&name))?;
+                dirs.push((path, name, uid, gid, mode));
                 continue;
             }
             return Err(hostile(&name, "only a folder may stand for the root"));
@@ -191,8 +296,7 @@ pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, Unpa
         match kind {
             tar::EntryType::Directory => {
                 root.create_dir_all(&path).map_err(placing(&name))?;
-                let dir = root.open_dir(&path).map_err(placing(&name))?;
-                own_dir(&dir, uid, gid, mode, as_root).map_err(placing(&name))?;
+                dirs.push((path, name, uid, gid, mode));
                 done.dirs += 1;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
@@ -209,7 +313,9 @@ pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, Unpa
                 let mut opts = OpenOptions::new();
                 opts.write(true).create_new(true);
                 let mut file = parent.open_with(base, &opts).map_err(placing(&name))?;
-                let n = std::io::copy(&mut entry, &mut file).map_err(UnpackError::Read)?;
+                // The entry's own data (a sparse entry's holes are not in the stream).
+                left.set(size);
+                let n = copy_data(&mut entry, &mut file, &name)?;
                 own(&file, uid, gid, mode, as_root).map_err(placing(&name))?;
                 let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
                 let _ = file.into_std().set_modified(when);
@@ -229,13 +335,14 @@ pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, Unpa
                     .symlink_contents(&target, base)
                     .map_err(placing(&name))?;
                 if as_root {
-                    let _ = nix::unistd::fchownat(
+                    nix::unistd::fchownat(
                         &parent,
                         base,
-                        Some(nix::unistd::Uid::from_raw(u32::try_from(uid).unwrap_or(0))),
-                        Some(nix::unistd::Gid::from_raw(u32::try_from(gid).unwrap_or(0))),
+                        Some(nix::unistd::Uid::from_raw(uid)),
+                        Some(nix::unistd::Gid::from_raw(gid)),
                         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-                    );
+                    )
+                    .map_err(|e| placing(&name)(e.into()))?;
                 }
                 done.symlinks += 1;
             }
@@ -262,8 +369,6 @@ pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, Unpa
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 done.skipped += 1;
             }
-            // Metadata entries the tar reader has already applied.
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
             other => {
                 return Err(hostile(
                     &name,
@@ -271,6 +376,17 @@ pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, Unpa
                 ))
             }
         }
+    }
+    // Deepest first, so a folder made read-only never blocks its children's.
+    dirs.sort_by_key(|(path, ..)| std::cmp::Reverse(path.components().count()));
+    for (path, name, uid, gid, mode) in dirs {
+        let dir = if path.as_os_str().is_empty() {
+            root.try_clone()
+        } else {
+            root.open_dir(&path)
+        }
+        .map_err(placing(&name))?;
+        own_dir(&dir, uid, gid, mode, as_root).map_err(placing(&name))?;
     }
     Ok(done)
 }
@@ -294,9 +410,19 @@ pub(crate) mod tests {
             link: Option<&str>,
             data: &[u8],
         ) -> &mut Self {
+            self.with_mode(kind, path, link, data, if kind.is_dir() { 0o755 } else { 0o644 })
+        }
+        pub(crate) fn with_mode(
+            &mut self,
+            kind: EntryType,
+            path: &str,
+            link: Option<&str>,
+            data: &[u8],
+            mode: u32,
+        ) -> &mut Self {
             let mut h = Header::new_gnu();
             h.set_entry_type(kind);
-            h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+            h.set_mode(mode);
             h.set_size(data.len() as u64);
             h.set_mtime(1_700_000_000);
             h.set_uid(0);
@@ -445,6 +571,21 @@ pub(crate) mod tests {
                 Tarball::default().hardlink("h", "../outside/secret").done(),
             ),
             ("hardlink-through-symlink", Vec::new()),
+            // Paths that only the tar reader's own extensions carry.
+            (
+                "pax-path-dotdot",
+                Tarball::default()
+                    .raw(EntryType::XHeader, "pax", None, &pax("path", "../outside/pwned"))
+                    .file("innocent", b"x")
+                    .done(),
+            ),
+            (
+                "gnu-longname-absolute",
+                Tarball::default()
+                    .raw(EntryType::GNULongName, "././@LongLink", None, b"/tmp/ferry-pwned\0")
+                    .file("innocent", b"x")
+                    .done(),
+            ),
         ];
         for (what, tar) in cases {
             let (_tmp, root, outside) = setup();
@@ -482,6 +623,72 @@ pub(crate) mod tests {
             );
             assert!(!Path::new("/tmp/ferry-pwned").exists(), "{what}");
         }
+    }
+
+    /// One PAX extended-header record: `LEN key=value\n`, LEN counting itself.
+    fn pax(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    #[test]
+    fn metadata_bombs_are_refused_before_they_are_read_into_memory() {
+        let big = vec![b'a'; 8 << 20];
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "gnu-long-name",
+                Tarball::default()
+                    .raw(EntryType::GNULongName, "././@LongLink", None, &big)
+                    .file("f", b"x")
+                    .done(),
+            ),
+            (
+                "pax-header",
+                Tarball::default()
+                    .raw(EntryType::XHeader, "pax", None, &big)
+                    .file("f", b"x")
+                    .done(),
+            ),
+            (
+                "skipped-device-with-data",
+                Tarball::default()
+                    .raw(EntryType::Char, "dev/null", None, &big)
+                    .file("f", b"x")
+                    .done(),
+            ),
+        ];
+        for (what, tar) in cases {
+            let (_tmp, root, _) = setup();
+            let err = unpack(&root, &tar[..], 1 << 30).expect_err(what);
+            assert!(
+                matches!(err, UnpackError::TooLarge { limit: MAX_METADATA, .. }),
+                "{what}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn read_only_folders_and_global_headers_do_not_stop_a_rootfs() {
+        let (_tmp, root, _) = setup();
+        let mut t = Tarball::default();
+        // GNU tar names global headers /tmp/GlobalHead.<pid>.<n>: not a path to place.
+        t.raw(EntryType::XGlobalHeader, "/tmp/GlobalHead.1.1", None, &pax("comment", "x"));
+        t.dir("usr/bin/");
+        t.file("usr/bin/tool", b"#!/bin/sh\n");
+        // usr/lib made read-only by its own entry before its contents come.
+        t.with_mode(EntryType::Directory, "usr/lib/", None, b"", 0o555);
+        t.file("usr/lib/libx.so", b"elf");
+        let tar = t.done();
+        let done = unpack(&root, &tar[..], 1 << 20).expect("unpacked");
+        assert_eq!(done.files, 2);
+        let meta = root.metadata("usr/lib").expect("usr/lib");
+        use cap_std::fs::PermissionsExt as _;
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o555);
+        assert_eq!(root.read_to_string("usr/lib/libx.so").expect("lib"), "elf");
     }
 
     #[test]

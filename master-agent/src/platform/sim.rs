@@ -80,6 +80,29 @@ impl SimPlatform {
     }
 }
 
+/// Removes a staging folder, read-only folders a tarball made included
+/// (the agent here is not root, so their modes would stop the removal).
+fn remove_staging(dir: &Path) -> Result<(), PlatformError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&d) else { continue };
+        if !meta.is_dir() {
+            continue;
+        }
+        let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(&d) {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(PlatformError::io("removing", dir)(e))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn open_rw(path: &PathBuf) -> Result<File, PlatformError> {
     OpenOptions::new()
         .read(true)
@@ -181,12 +204,7 @@ impl Platform for SimPlatform {
         let (capacity, file) = (target.capacity, target.path.clone());
         drop(target);
         let staging = PathBuf::from(format!("{}.rootfs", file.display()));
-        match std::fs::remove_dir_all(&staging) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(PlatformError::io("removing", &staging)(e))
-            }
-            _ => {}
-        }
+        remove_staging(&staging)?;
         std::fs::create_dir(&staging).map_err(PlatformError::io("creating", &staging))?;
         let mkfs = self.config.mkfs.clone();
         let at = staging.clone();
@@ -194,9 +212,7 @@ impl Platform for SimPlatform {
             staging,
             Box::new(move || {
                 let made = mkfs.run(&["-d".as_ref(), at.as_os_str()], &file);
-                let removed =
-                    std::fs::remove_dir_all(&at).map_err(PlatformError::io("removing", &at));
-                made.and(removed)
+                made.and(remove_staging(&at))
             }),
         );
         Ok(NewFilesystem { mounted, capacity })
