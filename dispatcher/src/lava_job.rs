@@ -188,6 +188,8 @@ pub fn translate(
         "context",
         "tags",
         "actions",
+        // Added by lava-server to every job it hands a worker.
+        "compatibility",
     ];
     for (key, v, _line) in t.keys(top, "", &accepted) {
         match key.as_str() {
@@ -230,9 +232,10 @@ pub fn translate(
                     }
                 }
             }
-            "device_type" | "priority" | "visibility" | "metadata" | "context" | "tags" => {
+            "device_type" | "priority" | "visibility" | "metadata" | "context" | "tags"
+            | "compatibility" => {
                 t.skip(v);
-                if key != "device_type" && key != "metadata" {
+                if !["device_type", "metadata", "compatibility"].contains(&key.as_str()) {
                     t.warnings
                         .push(format!("{key} is the scheduler's; accepted, not acted on"));
                 }
@@ -288,13 +291,14 @@ pub fn translate(
                                                     match k.as_str() {
                                                         "url" => match s.strip_prefix("file://") {
                                                             Some(p) => { entry.insert("image".into(), p.into()); }
-                                                            None if !s.contains("://") => { entry.insert("image".into(), s.into()); }
-                                                            None => t.refuse(line, &format!("{ipath}.url ({s}: only file:// URLs and paths; download it first)")),
+                                                            None if !s.contains("://") || s.starts_with("http://") || s.starts_with("https://") => { entry.insert("image".into(), s.into()); }
+                                                            None => t.refuse(line, &format!("{ipath}.url ({s}: http(s):// and file:// URLs and paths only)")),
                                                         },
                                                         "compression" => match s.as_str() {
                                                             "gz" | "gzip" => { entry.insert("compression".into(), "gzip".into()); }
+                                                            "xz" | "zstd" => { entry.insert("compression".into(), s.into()); }
                                                             "none" | "" => { entry.insert("compression".into(), "none".into()); }
-                                                            _ => t.refuse(line, &format!("{ipath}.compression ({s}: gz or none)")),
+                                                            _ => t.refuse(line, &format!("{ipath}.compression ({s}: gz, xz, zstd or none)")),
                                                         },
                                                         "sha256sum" => { entry.insert("sha256".into(), s.into()); }
                                                         _ => { entry.insert("to".into(), s.into()); }

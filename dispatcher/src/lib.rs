@@ -7,7 +7,9 @@
 //! board's records back; [`events`] and [`report`] write the
 //! output folder ([`output`] the files schedulers read, [`timings`] the boot
 //! phases; [`kernel_trouble`] the kernel's reports as results); [`outcome`]
-//! is the exit-code contract and decides every class.
+//! is the exit-code contract and decides every class. [`lava_run`] is
+//! `lava-run` for lava-worker ([`lava_device`] reads its device dictionary,
+//! [`lava_log`] posts its log).
 
 pub mod board;
 pub mod cli;
@@ -21,7 +23,10 @@ pub mod job;
 pub mod jobs;
 pub mod kernel_trouble;
 pub mod lab;
+pub mod lava_device;
 pub mod lava_job;
+pub mod lava_log;
+pub mod lava_run;
 pub mod lock;
 pub mod netns;
 pub mod outcome;

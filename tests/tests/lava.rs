@@ -450,7 +450,7 @@ fn a_lava_job_with_keys_ferry_cannot_honour_exits_2_listing_them_all() {
     let board = SimBoard::new();
     let job = board.job(
         "multinode.yaml",
-        "job_name: multinode\ndevice_type: sim\ntimeouts:\n  job: {minutes: 5}\nprotocols:\n  lava-multinode: {roles: {a: {count: 2}}}\nactions:\n- deploy:\n    to: lxc\n    images:\n      rootfs: {url: 'https://example.org/rootfs.ext4.xz', compression: xz}\n    failure_retry: 3\n- boot:\n    method: fastboot\n    docker: {image: adb}\n- test:\n    interactive:\n    - name: shell\n    definitions:\n    - from: url\n      path: x.yaml\n      name: x\n- command:\n    name: pdu_reboot\n",
+        "job_name: multinode\ndevice_type: sim\ntimeouts:\n  job: {minutes: 5}\nprotocols:\n  lava-multinode: {roles: {a: {count: 2}}}\nactions:\n- deploy:\n    to: lxc\n    images:\n      rootfs: {url: 'ftp://example.org/rootfs.ext4.bz2', compression: bz2}\n    failure_retry: 3\n- boot:\n    method: fastboot\n    docker: {image: adb}\n- test:\n    interactive:\n    - name: shell\n    definitions:\n    - from: url\n      path: x.yaml\n      name: x\n- command:\n    name: pdu_reboot\n",
     );
     let run = board.run(&job);
     let message = run.expect_outcome("job-error");
