@@ -29,7 +29,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use crate::lava_log::{Log, Sink};
-use crate::outcome::{Class, Outcome};
+use crate::outcome::{Class, Outcome, Phase};
 
 /// lava-run's command line (`lava-run --help` of LAVA 2023.01).
 #[derive(Parser, Debug)]
@@ -196,43 +196,43 @@ pub async fn run(args: Args) -> bool {
     success
 }
 
+/// A lab failure found before the run (the device dictionary is the lab's).
+fn infra(message: String) -> Outcome {
+    Outcome {
+        class: Class::InfrastructureError,
+        message,
+    }
+}
+
 /// Device, description, the Ferry run and its results as log lines.
 async fn job(args: &Args, out: &Path, log: &Log) -> Outcome {
     let dict = match std::fs::read_to_string(&args.device) {
         Ok(t) => t,
-        Err(e) => {
-            return Outcome::from(crate::outcome::Failure::infra(format!(
-                "device dictionary {}: {e}",
-                args.device.display()
-            )))
-        }
+        Err(e) => return infra(format!("device dictionary {}: {e}", args.device.display())),
     };
     let fallback = format!("lava-job-{}", args.job_id);
     let device_text = match crate::lava_device::translate(&dict, &fallback) {
         Ok(t) => t,
         // A wrong dictionary is the lab's error, not the job's.
-        Err(e) => return Outcome::from(crate::outcome::Failure::infra(e.to_string())),
+        Err(e) => return infra(e.to_string()),
     };
     let device_file = out.join("ferry-device.yaml");
     if let Err(e) = std::fs::write(&device_file, &device_text) {
-        return Outcome::from(crate::outcome::Failure::infra(format!(
-            "{}: {e}",
-            device_file.display()
-        )));
+        return infra(format!("{}: {e}", device_file.display()));
     }
     write_description(out, &args.definition, &device_text);
     let ferry_out = out.join("ferry");
     if args.validate {
         let device = match crate::device::Device::load(&device_file) {
             Ok(d) => d,
-            Err(f) => return Outcome::from(f),
+            Err(f) => return Outcome::of(Phase::Setup, f),
         };
         return match crate::job::Job::load(&args.definition, &device) {
             Ok(_) => Outcome {
                 class: Class::Complete,
                 message: "valid".into(),
             },
-            Err(f) => Outcome::from(f),
+            Err(f) => Outcome::of(Phase::Setup, f),
         };
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -166,10 +166,11 @@ fn copy_data(entry: &mut impl Read, file: &mut impl Write, name: &str) -> Result
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(UnpackError::Read(e)),
         };
-        file.write_all(&buf[..n]).map_err(|source| UnpackError::Write {
-            entry: name.into(),
-            source,
-        })?;
+        file.write_all(&buf[..n])
+            .map_err(|source| UnpackError::Write {
+                entry: name.into(),
+                source,
+            })?;
         total += n as u64;
     }
 }
@@ -274,7 +275,10 @@ pub fn unpack(root: &Dir, input: impl Read, limit: u64) -> Result<Unpacked, Unpa
         let kind = entry.header().entry_type();
         // Metadata entries the tar reader has already applied (PAX) or that
         // apply to no path here (a PAX global header's name is arbitrary).
-        if matches!(kind, tar::EntryType::XGlobalHeader | tar::EntryType::XHeader) {
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+        ) {
             continue;
         }
         let raw = entry.path().map_err(UnpackError::Read)?.into_owned();
@@ -410,7 +414,13 @@ pub(crate) mod tests {
             link: Option<&str>,
             data: &[u8],
         ) -> &mut Self {
-            self.with_mode(kind, path, link, data, if kind.is_dir() { 0o755 } else { 0o644 })
+            self.with_mode(
+                kind,
+                path,
+                link,
+                data,
+                if kind.is_dir() { 0o755 } else { 0o644 },
+            )
         }
         pub(crate) fn with_mode(
             &mut self,
@@ -575,14 +585,24 @@ pub(crate) mod tests {
             (
                 "pax-path-dotdot",
                 Tarball::default()
-                    .raw(EntryType::XHeader, "pax", None, &pax("path", "../outside/pwned"))
+                    .raw(
+                        EntryType::XHeader,
+                        "pax",
+                        None,
+                        &pax("path", "../outside/pwned"),
+                    )
                     .file("innocent", b"x")
                     .done(),
             ),
             (
                 "gnu-longname-absolute",
                 Tarball::default()
-                    .raw(EntryType::GNULongName, "././@LongLink", None, b"/tmp/ferry-pwned\0")
+                    .raw(
+                        EntryType::GNULongName,
+                        "././@LongLink",
+                        None,
+                        b"/tmp/ferry-pwned\0",
+                    )
                     .file("innocent", b"x")
                     .done(),
             ),
@@ -665,7 +685,13 @@ pub(crate) mod tests {
             let (_tmp, root, _) = setup();
             let err = unpack(&root, &tar[..], 1 << 30).expect_err(what);
             assert!(
-                matches!(err, UnpackError::TooLarge { limit: MAX_METADATA, .. }),
+                matches!(
+                    err,
+                    UnpackError::TooLarge {
+                        limit: MAX_METADATA,
+                        ..
+                    }
+                ),
                 "{what}: {err}"
             );
         }
@@ -676,7 +702,12 @@ pub(crate) mod tests {
         let (_tmp, root, _) = setup();
         let mut t = Tarball::default();
         // GNU tar names global headers /tmp/GlobalHead.<pid>.<n>: not a path to place.
-        t.raw(EntryType::XGlobalHeader, "/tmp/GlobalHead.1.1", None, &pax("comment", "x"));
+        t.raw(
+            EntryType::XGlobalHeader,
+            "/tmp/GlobalHead.1.1",
+            None,
+            &pax("comment", "x"),
+        );
         t.dir("usr/bin/");
         t.file("usr/bin/tool", b"#!/bin/sh\n");
         // usr/lib made read-only by its own entry before its contents come.

@@ -86,7 +86,9 @@ fn remove_staging(dir: &Path) -> Result<(), PlatformError> {
     use std::os::unix::fs::PermissionsExt;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&d) else { continue };
+        let Ok(meta) = std::fs::symlink_metadata(&d) else {
+            continue;
+        };
         if !meta.is_dir() {
             continue;
         }
