@@ -278,10 +278,7 @@ fn kill_os(pgid: Pid) {
     let me = nix::unistd::getpid();
     // Killed processes re-parent their children here: repeat until none is left.
     for _ in 0..10 {
-        let mut left: Vec<Pid> = session_members(me);
-        left.extend(descendants(me));
-        left.sort();
-        left.dedup();
+        let left = board_processes(me);
         if left.is_empty() {
             break;
         }
@@ -306,46 +303,67 @@ fn reap() {
     }
 }
 
-/// Every living descendant of `root` (zombies, already dead, are left to [`reap`]).
-fn descendants(root: Pid) -> Vec<Pid> {
+/// One living process as `/proc/PID/stat` gives it.
+struct Proc {
+    pid: Pid,
+    parent: i32,
+    session: i32,
+}
+
+/// Every living process (zombies, already dead, are left to [`reap`]),
+/// each `/proc/PID/stat` read once: a lab runs hundreds of boards, and
+/// each reset scans the whole table.
+fn processes() -> Vec<Proc> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    // (pid, parent) of every process, field 4 of /proc/PID/stat; state is field 3.
-    let all: Vec<(Pid, i32)> = dir
-        .flatten()
+    dir.flatten()
         .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .map(Pid::from_raw)
-        .filter(|pid| stat_field(*pid, 3).as_deref() != Some("Z"))
-        .filter_map(|pid| Some((pid, stat_field(pid, 4)?.parse().ok()?)))
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields from 3 on, after the parenthesised name (which may hold spaces).
+            let (_, rest) = stat.rsplit_once(") ")?;
+            let f: Vec<&str> = rest.split_whitespace().take(4).collect();
+            if f.first() == Some(&"Z") {
+                return None;
+            }
+            Some(Proc {
+                pid: Pid::from_raw(pid),
+                parent: f.get(1)?.parse().ok()?,
+                session: f.get(3)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The processes of the board `me` runs: those in its session and every
+/// descendant (one that made a session of its own too), itself excluded.
+fn board_processes(me: Pid) -> Vec<Pid> {
+    let all = processes();
+    let mut found: Vec<Pid> = all
+        .iter()
+        .filter(|p| p.session == me.as_raw() && p.pid != me)
+        .map(|p| p.pid)
         .collect();
-    let mut found = vec![root];
-    let mut i = 0;
-    while i < found.len() {
-        let parent = found[i].as_raw();
-        found.extend(
-            all.iter()
-                .filter(|(_, p)| *p == parent)
-                .map(|(pid, _)| *pid),
-        );
-        i += 1;
+    let mut parents = vec![me.as_raw()];
+    while let Some(parent) = parents.pop() {
+        for p in all.iter().filter(|p| p.parent == parent) {
+            parents.push(p.pid.as_raw());
+            found.push(p.pid);
+        }
     }
-    found.remove(0);
+    found.sort();
+    found.dedup();
     found
 }
 
 /// Processes in session `sid`, other than the caller.
 pub fn session_members(sid: Pid) -> Vec<Pid> {
     let me = nix::unistd::getpid();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .map(Pid::from_raw)
-        .filter(|pid| *pid != me)
-        // Field 6 of /proc/PID/stat is the session id.
-        .filter(|pid| stat_field(*pid, 6).and_then(|s| s.parse::<i32>().ok()) == Some(sid.as_raw()))
+    processes()
+        .into_iter()
+        .filter(|p| p.session == sid.as_raw() && p.pid != me)
+        .map(|p| p.pid)
         .collect()
 }
 
