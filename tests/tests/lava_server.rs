@@ -230,6 +230,24 @@ actions:
     )
 }
 
+/// Seconds since the epoch of lava-server's `2026-11-28T06:52:28.066110Z`.
+fn seconds(t: &str) -> f64 {
+    let num = |r: std::ops::Range<usize>| t.get(r).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs: f64 = t
+        .get(17..)
+        .map(|s| s.trim_end_matches('Z'))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    (days * 86_400 + num(11..13) * 3600 + num(14..16) * 60) as f64 + secs
+}
+
 fn skip() -> Option<&'static str> {
     if std::env::var_os("FERRY_SKIP_LAVA").is_some() {
         return Some("FERRY_SKIP_LAVA is set");
@@ -279,6 +297,8 @@ fn three_jobs_through_lava_server_two_complete_one_canceled() {
         .arg(&dir)
         .env("LAB_PG_PORT", free_port().to_string())
         .env("LAB_HTTP_PORT", free_port().to_string())
+        .env("LAB_EVENT_PORT", free_port().to_string())
+        .env("LAB_WS_PORT", free_port().to_string())
         .env("LAB_WORKERS", workers.join(" "))
         .env("LAB_LAVA_RUN_DIR", &run_dir)
         .env(
@@ -395,8 +415,13 @@ fn three_jobs_through_lava_server_two_complete_one_canceled() {
         let dev = lab.json(&format!("/api/v0.2/devices/{name}/"));
         assert_eq!(dev["state"], "Idle", "{dev}");
     }
+    let j = lab.job(first);
+    let at = |k: &str| seconds(j[k].as_str().unwrap_or_default());
     eprintln!(
-        "lava-server with Ferry: submission to result of job {first}: {:.1} s (lava-worker --ping-interval 2)",
-        first_time.as_secs_f64()
+        "lava-server with Ferry, job {first}: submission to result seen through the API {:.1} s; \
+         server times: queued {:.1} s, running (lava-run start to end) {:.1} s",
+        first_time.as_secs_f64(),
+        at("start_time") - at("submit_time"),
+        at("end_time") - at("start_time"),
     );
 }
