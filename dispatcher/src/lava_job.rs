@@ -156,6 +156,28 @@ impl Translate<'_> {
     }
 }
 
+/// LAVA's `skip_install`: a list of `keys`, `sources`, `deps`, `steps`,
+/// `git-repos`, `all` (a boolean too, as Ferry's). Ferry installs `deps` and
+/// runs `steps` (it has no keys, sources or git-repos to skip), and skips
+/// both or neither.
+fn skip_install(v: &Value) -> Result<bool, String> {
+    match v {
+        Value::Null => Ok(false),
+        Value::Bool(b) => Ok(*b),
+        Value::Sequence(list) => {
+            let has = |w: &str| list.iter().any(|x| x.as_str() == Some(w));
+            if has("all") || (has("deps") && has("steps")) {
+                Ok(true)
+            } else if has("deps") || has("steps") {
+                Err("Ferry skips deps and steps together: list both, or all".into())
+            } else {
+                Ok(false)
+            }
+        }
+        _ => Err("a list of keys, sources, deps, steps, git-repos, all".into()),
+    }
+}
+
 /// Translates a LAVA v2 job (`text`, from `file`) into Ferry's job file.
 ///
 /// # Errors
@@ -176,6 +198,8 @@ pub fn translate(
     let mut deploy: Vec<Value> = Vec::new();
     let mut definitions: Vec<Value> = Vec::new();
     let (mut action_timeout, mut deploy_timeout, mut test_timeout) = (None, None, None);
+    let mut boot_retry: Option<u64> = None;
+    let mut secrets: Option<Mapping> = None;
     let empty = Mapping::new();
     let top = doc.as_mapping().unwrap_or(&empty);
     let accepted = [
@@ -190,8 +214,9 @@ pub fn translate(
         "actions",
         // Added by lava-server to every job it hands a worker.
         "compatibility",
+        "secrets",
     ];
-    for (key, v, _line) in t.keys(top, "", &accepted) {
+    for (key, v, line) in t.keys(top, "", &accepted) {
         match key.as_str() {
             "job_name" => {
                 // LAVA allows spaces in names; Ferry's names become paths on the board.
@@ -230,6 +255,15 @@ pub fn translate(
                             t.warnings.push(format!("timeouts.{other} accepted but not applied (the device file's timeouts bound those steps)"));
                         }
                     }
+                }
+            }
+            "secrets" => {
+                t.skip(v);
+                match v.as_mapping() {
+                    // LAVA hands secrets to the test shell as environment
+                    // variables: every definition's parameters carry them.
+                    Some(m) => secrets = Some(m.clone()),
+                    None => t.refuse(line, "secrets (a map of names to values)"),
                 }
             }
             "device_type" | "priority" | "visibility" | "metadata" | "context" | "tags"
@@ -313,12 +347,27 @@ pub fn translate(
                             }
                             "boot" => {
                                 // Ferry boots the test image itself (boot-once, then its agent).
-                                for (_, v, _) in t.keys(
+                                for (k, v, line) in t.keys(
                                     body,
                                     &path,
-                                    &["method", "prompts", "timeout", "auto_login"],
+                                    &[
+                                        "method",
+                                        "prompts",
+                                        "timeout",
+                                        "auto_login",
+                                        "failure_retry",
+                                    ],
                                 ) {
-                                    t.skip(v);
+                                    if k == "failure_retry" {
+                                        // LAVA powers on and boots again: Ferry's
+                                        // power and boot retries (before any deploy).
+                                        match v.as_u64() {
+                                            Some(n) if n >= 1 => boot_retry = Some(n),
+                                            _ => t.refuse(line, &format!("{path}.failure_retry (a whole number, at least 1)")),
+                                        }
+                                    } else {
+                                        t.skip(v);
+                                    }
                                 }
                             }
                             _ => {
@@ -384,12 +433,20 @@ pub fn translate(
                                                 }
                                                 "skip_install" => {
                                                     t.skip(v);
-                                                    def.insert(
-                                                        "skip_install".into(),
-                                                        (!v.is_null()
-                                                            && v.as_bool() != Some(false))
-                                                        .into(),
-                                                    );
+                                                    match skip_install(v) {
+                                                        Ok(skip) => {
+                                                            def.insert(
+                                                                "skip_install".into(),
+                                                                skip.into(),
+                                                            );
+                                                        }
+                                                        Err(why) => t.refuse(
+                                                            line,
+                                                            &format!(
+                                                                "{dpath}.skip_install ({why})"
+                                                            ),
+                                                        ),
+                                                    }
                                                 }
                                                 _ => {
                                                     t.skip(v);
@@ -417,6 +474,28 @@ pub fn translate(
     if !timeouts.is_empty() {
         job.insert("timeouts".into(), timeouts.into());
     }
+    if let Some(n) = boot_retry {
+        let mut retry = Mapping::new();
+        retry.insert("attempts".into(), n.into());
+        let mut retries = Mapping::new();
+        retries.insert("power".into(), retry.clone().into());
+        retries.insert("boot".into(), retry.into());
+        job.insert("retries".into(), retries.into());
+    }
+    if let Some(secrets) = secrets {
+        for def in &mut definitions {
+            if let Some(d) = def.as_mapping_mut() {
+                let mut params = secrets.clone();
+                // The definition's own parameters win over a secret's name.
+                if let Some(Value::Mapping(p)) = d.get("parameters") {
+                    for (k, v) in p {
+                        params.insert(k.clone(), v.clone());
+                    }
+                }
+                d.insert("parameters".into(), params.into());
+            }
+        }
+    }
     if !deploy.is_empty() {
         job.insert("deploy".into(), deploy.into());
     }
@@ -429,5 +508,69 @@ pub fn translate(
         Ok((job.into(), t.warnings))
     } else {
         Err(t.unsupported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tr(text: &str) -> Result<Value, Vec<String>> {
+        let doc: Value = serde_norway::from_str(text).expect("yaml");
+        translate(Path::new("job.yaml"), text, &doc).map(|(v, _)| v)
+    }
+
+    const JOB: &str = "job_name: j
+compatibility: 0
+secrets: {API_TOKEN: s3cret, GREETING: from-secret}
+actions:
+- boot:
+    method: minimal
+    failure_retry: 3
+- test:
+    definitions:
+    - from: git
+      repository: https://example.org/defs.git
+      path: a.yaml
+      name: a
+      parameters: {GREETING: hi}
+      skip_install: [deps, steps]
+    - from: git
+      repository: https://example.org/defs.git
+      path: b.yaml
+      name: b
+      skip_install: [keys]
+";
+
+    #[test]
+    fn secrets_boot_retries_and_skip_install_lists_are_mapped() {
+        let j = tr(JOB).expect("translates");
+        assert_eq!(j["retries"]["boot"]["attempts"], 3);
+        assert_eq!(j["retries"]["power"]["attempts"], 3);
+        let defs = &j["test"]["definitions"];
+        assert_eq!(defs[0]["parameters"]["API_TOKEN"], "s3cret");
+        // The definition's own parameter wins over a secret of that name.
+        assert_eq!(defs[0]["parameters"]["GREETING"], "hi");
+        assert_eq!(defs[1]["parameters"]["GREETING"], "from-secret");
+        assert_eq!(defs[0]["skip_install"], true);
+        assert_eq!(defs[1]["skip_install"], false);
+    }
+
+    #[test]
+    fn half_a_skip_install_and_a_bad_retry_are_refused() {
+        let text = JOB
+            .replace("skip_install: [deps, steps]", "skip_install: [deps]")
+            .replace("failure_retry: 3", "failure_retry: many");
+        let e = tr(&text).expect_err("refused");
+        assert!(
+            e.iter()
+                .any(|l| l.contains(":7: actions[0].boot.failure_retry")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|l| l.contains(":15: actions[1].test.definitions[0].skip_install")),
+            "{e:?}"
+        );
     }
 }
