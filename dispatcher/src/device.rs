@@ -67,6 +67,15 @@ pub struct Network {
     /// dials only this address; otherwise it pins the address of the job's
     /// first master announcement. Either way it never dials another.
     pub address: Option<std::net::SocketAddr>,
+    /// Where the dispatcher listens for the test agent's live record
+    /// stream (`ip:port`, port 0 for any free one): an address of this
+    /// host the test image can reach (inside `namespace` when given).
+    /// Absent: no stream; the records are fetched through the master image.
+    pub stream: Option<std::net::SocketAddr>,
+    /// The address the test agent dials for the stream, when it is not
+    /// `stream` itself (a port forwarded to it); default: `stream` with
+    /// the port bound.
+    pub stream_address: Option<std::net::SocketAddr>,
 }
 
 /// Device timeouts: every wait on the board has one.

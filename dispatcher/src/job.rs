@@ -217,6 +217,31 @@ struct JobFile {
     /// Overrides of the device file's retries.
     #[serde(default)]
     retries: crate::device::RetriesOverride,
+    /// How the records come back.
+    #[serde(default)]
+    records: RecordsSettings,
+}
+
+/// The job's `records:` section.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsSettings {
+    /// `auto` or `always`.
+    #[serde(default)]
+    pub fetch: Fetch,
+}
+
+/// When the records are fetched through the master image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fetch {
+    /// Only when the live stream did not bring every record (cut, absent,
+    /// not matching): otherwise the board is powered off after the test.
+    #[default]
+    Auto,
+    /// After every test boot, even when the stream brought every record
+    /// (the board's filesystem checked, the master image exercised).
+    Always,
 }
 
 /// A LAVA "Lava-Test Test Definition 1.0".
@@ -392,6 +417,8 @@ pub struct Job {
     pub health_check: bool,
     /// Overrides of the device file's retries.
     pub retries: crate::device::RetriesOverride,
+    /// `records.fetch`: whether a complete live stream spares the fetch.
+    pub fetch: Fetch,
 }
 
 fn scalar(v: &Value) -> Option<String> {
@@ -704,6 +731,7 @@ impl Job {
         Ok(Job {
             health_check: file.health_check,
             retries: file.retries,
+            fetch: file.records.fetch,
             name: file.job.clone(),
             path: path.into(),
             timeouts: file.timeouts,
@@ -713,6 +741,8 @@ impl Job {
                 definitions,
                 definition_output_quota: file.quotas.definition_output.0,
                 job_output_quota: file.quotas.job_output.0,
+                // Filled in by the run, once it listens.
+                stream: None,
             },
             warnings,
         })

@@ -323,6 +323,8 @@ power:
   reset: {sim} --board {state} reset
 console:
   tty: {state}/console
+network:
+  stream: 127.0.0.1:0
 partitions: [testrootfs, firmware]
 test_rootfs: testrootfs
 timeouts: {{power: 30s, console: 10s, announce: 60s, rpc: 20s, fetch: 60s}}
@@ -363,6 +365,7 @@ console:
   {console_key}
 network:
   namespace: {netns}
+  stream: 192.0.2.1:0
 partitions: [testrootfs]
 test_rootfs: testrootfs
 timeouts: {{power: 60s, console: 20s, announce: 120s, rpc: 30s, fetch: 120s}}

@@ -4,7 +4,7 @@
 //! Module map: [`run`] is the job from power-on to results; [`job`] and
 //! [`device`] read the user's files; [`power`], [`console`] and [`client`]
 //! (with [`netns`] and [`tls`]) talk to the board; [`records`] streams the
-//! board's records back; [`events`] and [`report`] write the
+//! board's records back ([`stream`] receives them live from the test agent); [`events`] and [`report`] write the
 //! output folder ([`output`] the files schedulers read, [`timings`] the boot
 //! phases; [`kernel_trouble`] the kernel's reports as results); [`outcome`]
 //! is the exit-code contract and decides every class. [`lava_run`] is
@@ -37,6 +37,7 @@ pub mod records;
 pub mod report;
 pub mod run;
 pub mod runs;
+pub mod stream;
 pub mod timings;
 pub mod tls;
 pub mod yaml;

@@ -285,7 +285,10 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
 
     ctx.enter(Phase::Install).await;
     let part = d.test_rootfs.as_str();
-    let installed = session.install(part, ctx.job.plan.clone()).await?;
+    let mut stream = crate::stream::for_device(d, &ctx.out, ctx.events.clone()).await;
+    let mut plan = ctx.job.plan.clone();
+    plan.stream = stream.as_ref().map(crate::stream::Listener::plan);
+    let installed = session.install(part, plan).await?;
     ctx.events.say(
         "dispatcher",
         format!(
@@ -308,9 +311,11 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
         ctx.fail(Phase::Test, f);
         ctx.set_phase(Phase::Fetch);
     };
-    let back = match next_master(ctx, &mut console, Some(&master.boot), deadline, false).await {
-        Ok(back) => back,
-        Err(why) => {
+    let ended = test_end(ctx, &mut console, stream.as_mut(), &master.boot, deadline).await;
+    let back = match ended {
+        TestEnd::Streamed(kept) => return adopt_stream(ctx, &kept),
+        TestEnd::Board(Ok(back)) => back,
+        TestEnd::Board(Err(why)) => {
             test_failed(match why {
                 Interrupted::Panic(line) => Failure::new(
                     Kind::KernelPanic,
@@ -349,6 +354,67 @@ async fn steps(ctx: &Ctx) -> Result<(), Failure> {
             }
         }
     }
+    judge_test_boot(ctx);
+    Ok(())
+}
+
+/// How the test boot ended.
+enum TestEnd {
+    /// The live stream brought every record: no fetch.
+    Streamed(crate::stream::Kept),
+    /// The board came back to its master image, or did not.
+    Board(Result<Announcement, Interrupted>),
+}
+
+/// Waits for the end of the test boot: the live stream's verified end
+/// (unless the job fetches always) or the board's next master boot.
+async fn test_end(
+    ctx: &Ctx,
+    console: &mut Console,
+    stream: Option<&mut crate::stream::Listener>,
+    master: &str,
+    deadline: tokio::time::Instant,
+) -> TestEnd {
+    if let Some(stream) = stream {
+        tokio::select! {
+            r = next_master(ctx, console, Some(master), deadline, false) => return TestEnd::Board(r),
+            kept = stream.kept() => {
+                if ctx.job.fetch == crate::job::Fetch::Auto {
+                    return TestEnd::Streamed(kept);
+                }
+                ctx.events.say("dispatcher", "live record stream complete; fetching anyway (records.fetch: always)");
+                if let Some(dir) = std::env::var_os("FERRY_STREAM_COPY") {
+                    if let Err(e) = kept.copy_to(Path::new(&dir)) {
+                        ctx.events.say("dispatcher", format!("FERRY_STREAM_COPY: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    TestEnd::Board(next_master(ctx, console, Some(master), deadline, false).await)
+}
+
+/// Takes the streamed records as the fetched ones: same folder, same
+/// reading, same judgement; the board is then powered off, not rebooted.
+fn adopt_stream(ctx: &Ctx, kept: &crate::stream::Kept) -> Result<(), Failure> {
+    ctx.mark(|m| &mut m.streamed);
+    let board_dir = ctx.out.join(output::BOARD_DIR);
+    if let Err(e) = kept.adopt(&board_dir) {
+        // The output folder is the job's: as when it cannot be written.
+        return Err(Failure::job(format!(
+            "keeping the streamed records in {}: {e}",
+            board_dir.display()
+        )));
+    }
+    load_records(ctx, &board_dir);
+    ctx.events.say(
+        "dispatcher",
+        format!(
+            "live record stream kept {} record file(s) (sha256 {}): no boot into the master image to fetch them",
+            kept.manifest.files.len(),
+            kept.manifest.sha256
+        ),
+    );
     judge_test_boot(ctx);
     Ok(())
 }

@@ -25,6 +25,8 @@ pub struct Marks {
     pub back: Option<SystemTime>,
     /// The records were fetched.
     pub fetched: Option<SystemTime>,
+    /// The live record stream ended with every record (no fetch needed).
+    pub streamed: Option<SystemTime>,
 }
 
 /// Seconds per phase; `None` where the run did not get there (or, for the
@@ -48,6 +50,10 @@ pub struct Phases {
     pub reboot_to_master: Option<f64>,
     /// Back in the master image to the records fetched.
     pub fetch: Option<f64>,
+    /// The end of the test agent's run to its live record stream's verified
+    /// end (the test agent's announcement to it, less its run): what
+    /// replaces `reboot_to_master` and `fetch` when the stream is kept.
+    pub stream_end: Option<f64>,
 }
 
 /// Seconds from `a` to `b`, to the millisecond, when both happened in order.
@@ -86,12 +92,13 @@ impl Marks {
                 .find(|k| *k >= on && self.master.is_none_or(|m| *k <= m))
         });
         let run = test_run(records);
-        let reboot_to_master = match (between(self.test, self.back), run) {
+        let after_run = |end: Option<SystemTime>| match (between(self.test, end), run) {
             (Some(total), Some(run)) => {
                 Some(millis(Duration::from_secs_f64(total).saturating_sub(run)))
             }
             _ => None,
         };
+        let reboot_to_master = after_run(self.back);
         Phases {
             power_to_kernel: between(self.power_on, kernel),
             kernel_to_master: between(kernel, self.master),
@@ -101,6 +108,7 @@ impl Marks {
             test: run.map(millis),
             reboot_to_master,
             fetch: between(self.back, self.fetched),
+            stream_end: after_run(self.streamed),
         }
     }
 }
@@ -122,6 +130,7 @@ impl Phases {
             ("test", self.test),
             ("reboot > master", self.reboot_to_master),
             ("fetch", self.fetch),
+            ("test > stream end", self.stream_end),
         ]
         .into_iter()
         .filter_map(|(name, v)| v.map(|s| format!("{name} {s:.2}s")))
@@ -162,6 +171,7 @@ mod tests {
             test: Some(at(9.0)),
             back: Some(at(14.0)),
             fetched: Some(at(14.5)),
+            streamed: None,
         };
         // A kernel line from before power-on (a previous job) is not this boot's.
         let kernels = [at(-3.0), at(0.75), at(6.0), at(10.5)];
@@ -181,6 +191,7 @@ mod tests {
                 test: Some(1.25),
                 reboot_to_master: Some(3.75),
                 fetch: Some(0.5),
+                stream_end: None,
             }
         );
         assert_eq!(
@@ -206,6 +217,26 @@ mod tests {
         );
         assert_eq!(p.line().as_deref(), Some("power-on > master 2.00s"));
         assert_eq!(Marks::default().phases(&[], &[]).line(), None);
+    }
+
+    #[test]
+    fn a_kept_stream_replaces_the_reboot_and_the_fetch() {
+        let marks = Marks {
+            power_on: Some(at(0.0)),
+            master: Some(at(2.0)),
+            reboot: Some(at(3.0)),
+            test: Some(at(5.0)),
+            streamed: Some(at(6.5)),
+            ..Marks::default()
+        };
+        let records = [
+            record(0.0, "t", started()),
+            record(1.25, "t", Body::AgentFinished {}),
+        ];
+        let p = marks.phases(&[], &records);
+        assert_eq!((p.reboot_to_master, p.fetch), (None, None));
+        assert_eq!(p.stream_end, Some(0.25));
+        assert!(p.line().expect("line").ends_with("test 1.25s, test > stream end 0.25s"));
     }
 
     #[test]

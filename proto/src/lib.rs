@@ -7,6 +7,8 @@
 //! - [`names`]: the one charset for names that cross the wire.
 //! - [`record`]: the records the test agent writes on its rootfs and the
 //!   dispatcher reads back.
+//! - [`stream`]: the live record stream from the test agent to the dispatcher.
+//! - [`pin`]: TLS certificate pinning, for whoever dials a Ferry listener.
 //!
 //! Versioned packages let a newer dispatcher keep talking to boards whose
 //! master image was flashed long ago.
@@ -14,7 +16,9 @@
 pub mod boot;
 pub mod console;
 pub mod names;
+pub mod pin;
 pub mod record;
+pub mod stream;
 
 /// The master agent's API, generated from `proto/ferry/master`.
 pub mod master {

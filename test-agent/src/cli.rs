@@ -16,6 +16,7 @@ use prost::Message;
 use crate::mirror::Mirror;
 use crate::records::{now_us, Quotas, Settings, Writer};
 use crate::runner::{run_plan, RunContext};
+use crate::stream::Live;
 use crate::{bundle, helpers, VERSION};
 
 #[derive(Parser)]
@@ -144,13 +145,29 @@ fn run(args: RunArgs) -> ExitCode {
         }
     ));
 
-    let code = match run_recorded(&root, &boot, &mirror, args.kmsg) {
+    let (ran, live) = run_recorded(&root, &boot, &mirror, args.kmsg);
+    let code = match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             mirror.line(format!("[ferry] test-agent: {e}"));
             ExitCode::FAILURE
         }
     };
+    // The records writer is closed by now; a clean filesystem spares the
+    // master image a journal replay when it mounts this rootfs to fetch
+    // the records, and tells the live stream the records are final.
+    let clean = match args.reboot {
+        RebootMode::Exit => true,
+        RebootMode::System => remount_read_only(&root),
+    };
+    if let Some(live) = live {
+        mirror.line(match live.finish(&root.join(RECORDS_DIR), clean) {
+            Ok(()) => "[ferry] live stream: the dispatcher holds every record".into(),
+            Err(e) => format!(
+                "[ferry] live stream: {e}; the records stay on the board for the master image to fetch"
+            ),
+        });
+    }
     mirror.line("[ferry] test-agent done; rebooting to the master image".into());
     if !mirror.finish(MIRROR_DRAIN) {
         eprintln!("test-agent: the console took no output for {MIRROR_DRAIN:?}; going on");
@@ -158,25 +175,6 @@ fn run(args: RunArgs) -> ExitCode {
     match args.reboot {
         RebootMode::Exit => code,
         RebootMode::System => {
-            // The records writer is closed by now; a clean filesystem spares
-            // the master image a journal replay when it mounts this rootfs
-            // to fetch the records. The records are already synced, so a
-            // failure here loses nothing, but it is said on the console.
-            nix::unistd::sync();
-            use nix::mount::{mount, MsFlags};
-            if let Err(e) = mount(
-                None::<&str>,
-                &root,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            ) {
-                eprintln!(
-                    "test-agent: remounting {} read-only failed ({e}); synced instead",
-                    root.display()
-                );
-                nix::unistd::sync();
-            }
             let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
             eprintln!("test-agent: reboot failed: {e:?}");
             ExitCode::FAILURE
@@ -184,13 +182,51 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// Syncs and remounts `root` read-only; whether that worked. The records
+/// are already synced, so a failure loses nothing, but it is said on the
+/// console.
+fn remount_read_only(root: &Path) -> bool {
+    nix::unistd::sync();
+    use nix::mount::{mount, MsFlags};
+    match mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!(
+                "test-agent: remounting {} read-only failed ({e}); synced instead",
+                root.display()
+            );
+            nix::unistd::sync();
+            false
+        }
+    }
+}
+
 /// Runs the plan with the records open, and closes them (every write
-/// synced, the file closed) before returning, whatever happened.
+/// synced, the file closed) before returning, whatever happened; with the
+/// live stream the plan asked for, still to be finished.
 fn run_recorded(
     root: &Path,
     boot: &str,
     mirror: &Mirror,
     kmsg: Option<PathBuf>,
+) -> (anyhow::Result<()>, Option<Live>) {
+    let mut live = None;
+    let ran = run_records(root, boot, mirror, kmsg, &mut live);
+    (ran, live)
+}
+
+fn run_records(
+    root: &Path,
+    boot: &str,
+    mirror: &Mirror,
+    kmsg: Option<PathBuf>,
+    live: &mut Option<Live>,
 ) -> anyhow::Result<()> {
     let dir = root.join(RECORDS_DIR);
     std::fs::create_dir_all(&dir)
@@ -218,7 +254,19 @@ fn run_recorded(
         ..Settings::default()
     };
     let records = dir.join(RECORDS_FILE);
-    let writer = Writer::create(&dir, header, settings)?;
+    let stream = plan.as_ref().ok().and_then(|p| p.stream.clone());
+    let writer = match stream.map(|s| Live::start(&s, boot, &dir)) {
+        None => Writer::create(&dir, header, settings)?,
+        Some(Ok((started, tee))) => {
+            let tee = tee.map_err(|e| anyhow::anyhow!("creating {}: {e}", records.display()))?;
+            *live = Some(started);
+            Writer::start(Box::new(tee), &records, header, settings)?
+        }
+        Some(Err(e)) => {
+            mirror.line(format!("[ferry] live stream: {e}"));
+            Writer::create(&dir, header, settings)?
+        }
+    };
     let rec = writer.recorder();
     let socket = crate::socket::name_for(std::process::id());
     let ran = (|| -> anyhow::Result<()> {

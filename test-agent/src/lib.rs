@@ -16,6 +16,7 @@ pub mod parse;
 pub mod records;
 pub mod runner;
 pub mod socket;
+pub mod stream;
 
 /// This agent's version; the master agent bundles the same.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

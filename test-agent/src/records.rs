@@ -134,6 +134,11 @@ impl Files {
         })
     }
 
+    /// The name of the file being written.
+    pub fn name(&self) -> String {
+        agent_file(self.index)
+    }
+
     fn open(path: &Path) -> std::io::Result<File> {
         OpenOptions::new()
             .create(true)

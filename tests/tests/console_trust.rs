@@ -44,6 +44,8 @@ fn job_printing(board: &SimBoard, lines: &[String]) -> std::path::PathBuf {
         &format!(
             r#"job: printing
 timeouts: {{job: 2m, test: 1m}}
+# Back in the master image after forged lines: the fetch is part of the test.
+records: {{fetch: always}}
 test:
   definitions:
     - inline:

@@ -9,6 +9,8 @@ use ferry_tests::{bin, processes_mentioning, r, Row, SimBoard};
 
 const JOB: &str = r#"job: faults
 timeouts: {job: 2m, test: 6s}
+# These faults are about the fetch through the master image.
+records: {fetch: always}
 test:
   definitions:
     - inline:
