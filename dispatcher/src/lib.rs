@@ -6,7 +6,8 @@
 //! (with [`netns`] and [`tls`]) talk to the board; [`records`] streams the
 //! board's records back ([`stream`] receives them live from the test agent); [`events`] and [`report`] write the
 //! output folder ([`output`] the files schedulers read, [`timings`] the boot
-//! phases; [`kernel_trouble`] the kernel's reports as results); [`outcome`]
+//! phases; [`kernel_trouble`] the kernel's reports as results, [`fs_check`]
+//! its reports of unclean filesystems as warnings); [`outcome`]
 //! is the exit-code contract and decides every class. [`lava_run`] is
 //! `lava-run` for lava-worker ([`lava_device`] reads its device dictionary,
 //! [`lava_log`] posts its log).
@@ -18,6 +19,7 @@ pub mod console;
 pub mod device;
 pub mod events;
 pub mod exec;
+pub mod fs_check;
 pub mod git;
 pub mod job;
 pub mod jobs;

@@ -971,7 +971,12 @@ pub async fn run_with(job_path: &Path, device_path: &Path, out: &Path, opts: Opt
             )
         })
         .unwrap_or_default();
-    let warnings: Vec<String> = ctx.job.warnings.iter().cloned().chain(learned).collect();
+    events.flush();
+    let unclean = crate::fs_check::warnings(&out.join("console.log"));
+    let warnings: Vec<String> = (ctx.job.warnings.iter().cloned())
+        .chain(learned)
+        .chain(unclean)
+        .collect();
     let trouble = ctx
         .progress(|s| s.kernel_trouble.clone())
         .unwrap_or_default();

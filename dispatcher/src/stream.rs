@@ -471,6 +471,11 @@ fn check(manifest: &Manifest, received: &[FileDigest]) -> Result<(), String> {
     if !manifest.clean {
         return Err("the board's filesystem was not left clean".into());
     }
+    if let Some(other) = manifest.others.first() {
+        return Err(format!(
+            "the records folder holds {other:?}, not a regular file: the fetch reports it"
+        ));
+    }
     let listed: BTreeMap<&str, &FileDigest> =
         manifest.files.iter().map(|f| (f.name.as_str(), f)).collect();
     for r in received {

@@ -76,6 +76,11 @@ pub struct Manifest {
     /// The records are final: every writer closed and the filesystem
     /// remounted read-only (or synced where there is nothing to remount).
     pub clean: bool,
+    /// Entries of the records folder that are not regular files (a
+    /// symlink, a FIFO...): only the master agent's fetch reports those,
+    /// so the dispatcher then fetches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<String>,
 }
 
 /// The dispatcher's answer to the manifest.
@@ -106,6 +111,7 @@ impl Manifest {
             sha256: digest(&files),
             files,
             clean,
+            others: Vec::new(),
         }
     }
 }

@@ -157,7 +157,12 @@ fn run(args: RunArgs) -> ExitCode {
     // master image a journal replay when it mounts this rootfs to fetch
     // the records, and tells the live stream the records are final.
     let clean = match args.reboot {
-        RebootMode::Exit => true,
+        // Nothing to remount; what the tests wrote must survive a power-off
+        // that may follow the stream at once.
+        RebootMode::Exit => {
+            nix::unistd::sync();
+            true
+        }
         RebootMode::System => remount_read_only(&root),
     };
     if let Some(live) = live {

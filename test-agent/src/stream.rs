@@ -259,7 +259,10 @@ impl Live {
     pub fn finish(self, dir: &Path, clean: bool) -> Result<(), StreamError> {
         let read_back = read_back(dir, &self.sink);
         match read_back {
-            Ok(files) => self.sink.send(Cmd::End(Manifest::new(files, clean))),
+            Ok((files, others)) => self.sink.send(Cmd::End(Manifest {
+                others,
+                ..Manifest::new(files, clean)
+            })),
             Err(e) => self.sink.fail(StreamError::Network {
                 addr: self.addr,
                 why: format!("reading back the records: {e}"),
@@ -279,17 +282,18 @@ impl Live {
     }
 }
 
-/// Digests of every regular file in `dir`; a file the stream has not
-/// carried is queued whole first.
-fn read_back(dir: &Path, sink: &Sink) -> std::io::Result<Vec<FileDigest>> {
+/// Digests of every regular file in `dir` (a file the stream has not
+/// carried is queued whole first), and the names of the other entries.
+fn read_back(dir: &Path, sink: &Sink) -> std::io::Result<(Vec<FileDigest>, Vec<String>)> {
     let streamed = sink.shared.files.lock().map(|f| f.clone()).unwrap_or_default();
-    let mut files = Vec::new();
+    let (mut files, mut others) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
         if !entry.file_type()?.is_file() {
+            others.push(name);
             continue;
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
         let new = !streamed.contains(&name);
         if new {
             sink.file(name.clone());
@@ -315,7 +319,7 @@ fn read_back(dir: &Path, sink: &Sink) -> std::io::Result<Vec<FileDigest>> {
             sha256: ferry_proto::hex(&h.finalize()),
         });
     }
-    Ok(files)
+    Ok((files, others))
 }
 
 /// The sender thread: connect, authenticate, send every command, and after
