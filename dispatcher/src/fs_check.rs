@@ -39,7 +39,10 @@ pub fn warnings(console_log: &Path) -> Vec<String> {
     };
     let mut found: Vec<String> = Vec::new();
     // Lossy by line: console bytes need not be UTF-8.
-    for line in std::io::BufReader::new(f).split(b'\n').map_while(Result::ok) {
+    for line in std::io::BufReader::new(f)
+        .split(b'\n')
+        .map_while(Result::ok)
+    {
         let line = String::from_utf8_lossy(&line);
         let line = line.trim_end_matches(['\r', '\n']).trim();
         if unclean(line) && !found.iter().any(|f| f.ends_with(line)) {
@@ -75,7 +78,10 @@ mod tests {
         .expect("write");
         let w = warnings(&log);
         assert_eq!(w.len(), 3, "{w:#?}");
-        assert!(w[0].starts_with("infrastructure: ") && w[0].ends_with("EXT4-fs (vda2): recovery complete"));
+        assert!(
+            w[0].starts_with("infrastructure: ")
+                && w[0].ends_with("EXT4-fs (vda2): recovery complete")
+        );
         assert!(w[1].contains("deleted inode referenced"));
         assert!(w[2].contains("op 0x1:(WRITE)"));
     }

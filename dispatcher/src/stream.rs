@@ -282,8 +282,7 @@ fn new_token() -> String {
 /// Compares without an early exit, so timing tells nothing about the token.
 fn same_token(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -353,11 +352,15 @@ impl Session {
                     continue;
                 }
             };
-            self.say(json!({ "kind": "stream-connected", "peer": peer.to_string(), "boot": hello.boot }));
+            self.say(
+                json!({ "kind": "stream-connected", "peer": peer.to_string(), "boot": hello.boot }),
+            );
             let result = self.receive(tls, d).await;
             match result {
                 Ok(m) => {
-                    self.say(json!({ "kind": "stream-kept", "files": m.files, "sha256": m.sha256 }));
+                    self.say(
+                        json!({ "kind": "stream-kept", "files": m.files, "sha256": m.sha256 }),
+                    );
                     let _ = state.send(State::Kept(Arc::new(m)));
                 }
                 Err(e) => {
@@ -476,8 +479,11 @@ fn check(manifest: &Manifest, received: &[FileDigest]) -> Result<(), String> {
             "the records folder holds {other:?}, not a regular file: the fetch reports it"
         ));
     }
-    let listed: BTreeMap<&str, &FileDigest> =
-        manifest.files.iter().map(|f| (f.name.as_str(), f)).collect();
+    let listed: BTreeMap<&str, &FileDigest> = manifest
+        .files
+        .iter()
+        .map(|f| (f.name.as_str(), f))
+        .collect();
     for r in received {
         match listed.get(r.name.as_str()) {
             None => return Err(format!("{} was streamed but is not on the board", r.name)),
@@ -495,7 +501,10 @@ fn check(manifest: &Manifest, received: &[FileDigest]) -> Result<(), String> {
         .iter()
         .find(|l| !received.iter().any(|r| r.name == l.name))
     {
-        return Err(format!("{} is on the board but was not streamed", missing.name));
+        return Err(format!(
+            "{} is on the board but was not streamed",
+            missing.name
+        ));
     }
     Ok(())
 }
@@ -515,5 +524,150 @@ async fn next<S: AsyncRead + Unpin>(s: &mut S, d: &mut Decoder) -> Result<Messag
             )));
         }
         d.push(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::stream::{Hello, PREAMBLE};
+
+    async fn listener(dir: &Path) -> Listener {
+        let events = Arc::new(EventLog::create(dir).expect("events"));
+        Listener::open(
+            "127.0.0.1:0".parse().expect("addr"),
+            None,
+            dir,
+            Duration::from_secs(5),
+            events,
+        )
+        .await
+        .expect("listen")
+    }
+
+    /// Dials `plan` as a test agent would and sends `msgs` after the
+    /// preamble; returns the verdict, if one came.
+    async fn agent(plan: &RecordStream, pin: &str, msgs: &[Message]) -> Option<Verdict> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .dangerous()
+            .with_custom_certificate_verifier(crate::tls::PinnedCert::new(pin))
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(plan.address.as_str())
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        let mut buf = PREAMBLE.to_vec();
+        for m in msgs {
+            m.encode(&mut buf);
+        }
+        tls.write_all(&buf).await.ok()?;
+        tls.flush().await.ok()?;
+        match next(&mut tls, &mut Decoder::new()).await {
+            Ok(Message::Verdict(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn messages(token: &str, data: &[u8], listed: &[u8]) -> Vec<Message> {
+        let f = |d: &[u8]| FileDigest {
+            name: "agent-0000.ferryrec".into(),
+            bytes: d.len() as u64,
+            sha256: ferry_proto::sha256_hex(d),
+        };
+        vec![
+            Message::Hello(Hello {
+                token: token.into(),
+                boot: "b".into(),
+            }),
+            Message::File {
+                name: "agent-0000.ferryrec".into(),
+            },
+            Message::Data {
+                offset: 0,
+                bytes: data[..2].to_vec(),
+            },
+            Message::Data {
+                offset: 2,
+                bytes: data[2..].to_vec(),
+            },
+            Message::End(Manifest::new(vec![f(listed)], true)),
+        ]
+    }
+
+    #[tokio::test]
+    async fn only_a_stream_with_the_token_and_every_byte_is_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut l = listener(dir.path()).await;
+        let plan = l.plan();
+        let mut live = l.subscribe();
+
+        // The wrong token: dropped, and the listener still waits.
+        assert_eq!(
+            agent(
+                &plan,
+                &plan.cert_sha256,
+                &messages("guess", b"records", b"records")
+            )
+            .await,
+            None
+        );
+        // Another certificate pinned: the agent refuses the listener.
+        assert_eq!(
+            agent(
+                &plan,
+                &"00".repeat(32),
+                &messages(&plan.token, b"records", b"records")
+            )
+            .await,
+            None
+        );
+        // The right token and every byte: kept.
+        let v = agent(
+            &plan,
+            &plan.cert_sha256,
+            &messages(&plan.token, b"records", b"records"),
+        )
+        .await
+        .expect("verdict");
+        assert!(v.kept, "{v:?}");
+        let kept = tokio::time::timeout(Duration::from_secs(5), l.kept())
+            .await
+            .expect("kept");
+        let board = dir.path().join("board");
+        kept.adopt(&board).expect("adopt");
+        assert_eq!(
+            std::fs::read(board.join("agent-0000.ferryrec")).expect("file"),
+            b"records"
+        );
+        let first = live.recv().await.expect("chunk");
+        assert_eq!(
+            (&*first.file, first.offset, &*first.bytes),
+            ("agent-0000.ferryrec", 0, &b"re"[..])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_does_not_match_the_board_is_not_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut l = listener(dir.path()).await;
+        let plan = l.plan();
+        let v = agent(
+            &plan,
+            &plan.cert_sha256,
+            &messages(&plan.token, b"records", b"recordz"),
+        )
+        .await
+        .expect("verdict");
+        assert!(!v.kept && v.reason.contains("sha256"), "{v:?}");
+        // Never resolves: the run fetches instead.
+        assert!(tokio::time::timeout(Duration::from_millis(300), l.kept())
+            .await
+            .is_err());
     }
 }

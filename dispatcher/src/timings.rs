@@ -236,7 +236,10 @@ mod tests {
         let p = marks.phases(&[], &records);
         assert_eq!((p.reboot_to_master, p.fetch), (None, None));
         assert_eq!(p.stream_end, Some(0.25));
-        assert!(p.line().expect("line").ends_with("test 1.25s, test > stream end 0.25s"));
+        assert!(p
+            .line()
+            .expect("line")
+            .ends_with("test 1.25s, test > stream end 0.25s"));
     }
 
     #[test]

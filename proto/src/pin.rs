@@ -87,4 +87,3 @@ impl ServerCertVerifier for PinnedCert {
         self.algorithms.supported_schemes()
     }
 }
-

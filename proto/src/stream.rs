@@ -373,8 +373,14 @@ mod tests {
         assert_eq!(a.files[0].name, "a");
         let b = Manifest::new(vec![f("a", b"1"), f("b", b"2")], false);
         assert_eq!(a.sha256, b.sha256);
-        assert_ne!(a.sha256, Manifest::new(vec![f("a", b"1"), f("b", b"3")], true).sha256);
-        assert_ne!(a.sha256, Manifest::new(vec![f("a", b"1"), f("c", b"2")], true).sha256);
+        assert_ne!(
+            a.sha256,
+            Manifest::new(vec![f("a", b"1"), f("b", b"3")], true).sha256
+        );
+        assert_ne!(
+            a.sha256,
+            Manifest::new(vec![f("a", b"1"), f("c", b"2")], true).sha256
+        );
         assert_ne!(a.sha256, Manifest::new(vec![f("a", b"1")], true).sha256);
     }
 }

@@ -239,14 +239,7 @@ impl Live {
                 len: 0,
             }
         });
-        Ok((
-            Live {
-                sink,
-                addr,
-                thread,
-            },
-            tee,
-        ))
+        Ok((Live { sink, addr, thread }, tee))
     }
 
     /// Ends the stream once the records are final: sends whatever records
@@ -285,7 +278,12 @@ impl Live {
 /// Digests of every regular file in `dir` (a file the stream has not
 /// carried is queued whole first), and the names of the other entries.
 fn read_back(dir: &Path, sink: &Sink) -> std::io::Result<(Vec<FileDigest>, Vec<String>)> {
-    let streamed = sink.shared.files.lock().map(|f| f.clone()).unwrap_or_default();
+    let streamed = sink
+        .shared
+        .files
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
     let (mut files, mut others) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -384,7 +382,9 @@ fn send_all(
             return verdict(&mut tls, timeout).map_err(StreamError::NoVerdict);
         }
     }
-    Err(shared.failure().unwrap_or(StreamError::NoVerdict("the run ended without a manifest".into())))
+    Err(shared.failure().unwrap_or(StreamError::NoVerdict(
+        "the run ended without a manifest".into(),
+    )))
 }
 
 fn verdict(tls: &mut impl Read, timeout: Duration) -> Result<Verdict, String> {

@@ -161,12 +161,7 @@ fn a_raise_ends_the_run_as_a_test_error_keeping_earlier_results() {
     check_results_yaml(&run, "raise");
     // The records still all came back (through the live stream) and the
     // board was powered off.
-    assert_eq!(
-        run.boot_roles(),
-        ["master", "test"],
-        "{}",
-        run.dump()
-    );
+    assert_eq!(run.boot_roles(), ["master", "test"], "{}", run.dump());
     assert!(!board.powered());
 }
 

@@ -142,7 +142,10 @@ fn smoke_job_on_the_virtual_board() {
     // process behind the same console.
     let log = std::fs::read_to_string(board.state.join("board.log")).expect("board.log");
     let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
-    assert!(count(" guest guest-reset") >= 1 && count(" power-on ") >= 2, "{log}");
+    assert!(
+        count(" guest guest-reset") >= 1 && count(" power-on ") >= 2,
+        "{log}"
+    );
     // Every boot phase, the kernel's first line between power-on and the
     // master's announcement.
     let phases = &run.json("outcome.json")["phases"];
@@ -215,15 +218,25 @@ fn the_live_stream_brings_the_bytes_the_fetch_does() {
     let board = QemuBoard::new("stream");
     let smoke = std::fs::read_to_string(workspace().join("examples/jobs/qemu-smoke.yaml"))
         .expect("example job")
-        .replace("../../images/out/", &format!("{}/images/out/", workspace().display()))
+        .replace(
+            "../../images/out/",
+            &format!("{}/images/out/", workspace().display()),
+        )
         .replace("path: defs/", "path: {examples}/defs/");
     let job = board.job("forced", &format!("{smoke}records: {{fetch: always}}\n"));
     let copy = board.tmp.path().join("streamed");
-    let run = board.run_env(&job, &[("FERRY_STREAM_COPY", copy.to_str().expect("utf-8"))]);
+    let run = board.run_env(
+        &job,
+        &[("FERRY_STREAM_COPY", copy.to_str().expect("utf-8"))],
+    );
     run.expect_outcome("complete");
     assert_eq!(run.results(), smoke_job_results(), "{}", run.dump());
     let events = run.text("events.jsonl");
-    assert!(events.contains("\"kind\":\"stream-kept\""), "{}", run.dump());
+    assert!(
+        events.contains("\"kind\":\"stream-kept\""),
+        "{}",
+        run.dump()
+    );
     assert_eq!(
         run.boot_roles(),
         ["master", "test", "master"],
@@ -237,7 +250,12 @@ fn the_live_stream_brings_the_bytes_the_fetch_does() {
         fetched.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     for ((name, s), (_, f)) in streamed.iter().zip(&fetched) {
-        assert!(s == f, "{name}: streamed {} bytes, fetched {}", s.len(), f.len());
+        assert!(
+            s == f,
+            "{name}: streamed {} bytes, fetched {}",
+            s.len(),
+            f.len()
+        );
     }
     // A clean end of the test boot: records closed, rootfs read-only before
     // the reboot, so the master image finds nothing to replay or repair.

@@ -66,7 +66,10 @@ fn a_forced_fetch_brings_back_the_very_bytes_the_stream_did() {
     let board = SimBoard::new();
     let job = board.job("forced.yaml", &job("records: {fetch: always}\n"));
     let copy = board.tmp.path().join("streamed");
-    let run = board.run_env(&job, &[("FERRY_STREAM_COPY", copy.to_str().expect("utf-8"))]);
+    let run = board.run_env(
+        &job,
+        &[("FERRY_STREAM_COPY", copy.to_str().expect("utf-8"))],
+    );
     run.expect_outcome("complete");
     assert_eq!(run.results(), results(), "{}", run.dump());
     assert!(stream_event(&run, "stream-kept"), "{}", run.dump());
@@ -85,7 +88,12 @@ fn a_forced_fetch_brings_back_the_very_bytes_the_stream_did() {
         fetched.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     for ((name, s), (_, f)) in streamed.iter().zip(&fetched) {
-        assert!(s == f, "{name}: streamed {} bytes, fetched {}", s.len(), f.len());
+        assert!(
+            s == f,
+            "{name}: streamed {} bytes, fetched {}",
+            s.len(),
+            f.len()
+        );
     }
     let phases = &run.json("outcome.json")["phases"];
     assert!(phases["fetch"].as_f64().is_some(), "{phases}");
@@ -97,7 +105,12 @@ fn a_kept_stream_gives_the_output_a_fetch_would() {
     let board = SimBoard::new();
     let streamed = board.run(&board.job("streamed.yaml", &job("")));
     streamed.expect_outcome("complete");
-    assert_eq!(streamed.boot_roles(), ["master", "test"], "{}", streamed.dump());
+    assert_eq!(
+        streamed.boot_roles(),
+        ["master", "test"],
+        "{}",
+        streamed.dump()
+    );
     let fetched = board.run(&board.job("fetched.yaml", &job("records: {fetch: always}\n")));
     fetched.expect_outcome("complete");
     // Rows the same (durations are the runs' own).
@@ -250,7 +263,8 @@ fn a_board_that_cannot_reach_the_stream_falls_back_to_the_fetch() {
         run.dump()
     );
     assert!(
-        run.text("console.log").contains("live stream: stream to 127.0.0.1:"),
+        run.text("console.log")
+            .contains("live stream: stream to 127.0.0.1:"),
         "{}",
         run.dump()
     );
