@@ -64,6 +64,39 @@ pub fn smoke_job_results() -> Vec<Row> {
     rows
 }
 
+/// The files of a folder, by name, with their bytes.
+pub fn folder_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).expect("read"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts the records the live stream brought (`streamed`) are the
+/// fetched ones (`fetched`), byte for byte, and that there are some.
+pub fn assert_same_records(streamed: &Path, fetched: &Path) {
+    let (streamed, fetched) = (folder_files(streamed), folder_files(fetched));
+    assert!(!fetched.is_empty(), "no records fetched");
+    assert_eq!(
+        streamed.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        fetched.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    for ((name, s), (_, f)) in streamed.iter().zip(&fetched) {
+        assert!(
+            s == f,
+            "{name}: streamed {} bytes, fetched {}",
+            s.len(),
+            f.len()
+        );
+    }
+}
+
 /// A TCP port on loopback that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -198,20 +198,6 @@ fn smoke_job_on_the_virtual_board() {
     assert!(!board.qemu_running(), "QEMU must be gone after the job");
 }
 
-/// The files of a folder, by name.
-fn files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .flatten()
-        .map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name, std::fs::read(e.path()).expect("read"))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn the_live_stream_brings_the_bytes_the_fetch_does() {
     let Some(_turn) = board_turn() else { return };
@@ -243,20 +229,7 @@ fn the_live_stream_brings_the_bytes_the_fetch_does() {
         "{}",
         run.dump()
     );
-    let (streamed, fetched) = (files(&copy), files(&run.dir.join("board")));
-    assert!(!fetched.is_empty());
-    assert_eq!(
-        streamed.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-        fetched.iter().map(|(n, _)| n).collect::<Vec<_>>()
-    );
-    for ((name, s), (_, f)) in streamed.iter().zip(&fetched) {
-        assert!(
-            s == f,
-            "{name}: streamed {} bytes, fetched {}",
-            s.len(),
-            f.len()
-        );
-    }
+    ferry_tests::assert_same_records(&copy, &run.dir.join("board"));
     // A clean end of the test boot: records closed, rootfs read-only before
     // the reboot, so the master image finds nothing to replay or repair.
     let console = run.text("console.log");

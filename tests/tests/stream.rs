@@ -5,7 +5,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,22 +39,6 @@ fn results() -> Vec<Row> {
     ]
 }
 
-/// The files of a folder, by name.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .flatten()
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).expect("read"),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 fn stream_event(run: &ferry_tests::Run, kind: &str) -> bool {
     run.text("events.jsonl")
         .contains(&format!("\"kind\":\"{kind}\""))
@@ -80,21 +63,7 @@ fn a_forced_fetch_brings_back_the_very_bytes_the_stream_did() {
         "{}",
         run.dump()
     );
-    let streamed = files(&copy);
-    let fetched = files(&run.dir.join("board"));
-    assert!(!fetched.is_empty());
-    assert_eq!(
-        streamed.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-        fetched.iter().map(|(n, _)| n).collect::<Vec<_>>()
-    );
-    for ((name, s), (_, f)) in streamed.iter().zip(&fetched) {
-        assert!(
-            s == f,
-            "{name}: streamed {} bytes, fetched {}",
-            s.len(),
-            f.len()
-        );
-    }
+    ferry_tests::assert_same_records(&copy, &run.dir.join("board"));
     let phases = &run.json("outcome.json")["phases"];
     assert!(phases["fetch"].as_f64().is_some(), "{phases}");
 }
@@ -117,7 +86,10 @@ fn a_kept_stream_gives_the_output_a_fetch_would() {
     assert_eq!(streamed.results(), results());
     assert_eq!(fetched.results(), results());
     for d in ["test-output", "board"] {
-        let (a, b) = (files(&streamed.dir.join(d)), files(&fetched.dir.join(d)));
+        let (a, b) = (
+            ferry_tests::folder_files(&streamed.dir.join(d)),
+            ferry_tests::folder_files(&fetched.dir.join(d)),
+        );
         assert_eq!(
             a.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             b.iter().map(|(n, _)| n).collect::<Vec<_>>(),
