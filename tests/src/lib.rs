@@ -340,3 +340,40 @@ impl Drop for SimBoard {
             .output();
     }
 }
+
+/// ser2net (Debian's serial-to-network server) in front of the board's pty,
+/// as in a lab where consoles are reached over TCP.
+pub struct Ser2net(std::process::Child);
+
+impl Ser2net {
+    /// Serves `tty` on a free loopback port, raw or with telnet.
+    pub fn start(dir: &std::path::Path, tty: &std::path::Path, telnet: bool) -> (Self, u16) {
+        let port = free_port();
+        let config = dir.join("ser2net.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "%YAML 1.1\n---\nconnection: &board\n  accepter: {}tcp,127.0.0.1,{port}\n  connector: serialdev,{},115200n81,local\n  options:\n    kickolduser: true\n",
+                if telnet { "telnet," } else { "" },
+                tty.display()
+            ),
+        )
+        .expect("ser2net config");
+        let child = Command::new("ser2net")
+            .arg("-d")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ser2net is installed (.ci/run installs it)");
+        (Ser2net(child), port)
+    }
+}
+
+impl Drop for Ser2net {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,8 +1,9 @@
 //! Ferry under a real LAVA: Debian 12's lava-server (its own PostgreSQL
 //! cluster) and two lava-worker processes, started here by
 //! `tests/lava-server/lab` and stopped on every path; two simulated boards
-//! registered as devices of type `ferry-sim`, one per worker, whose jobs run
-//! through Ferry's `lava-run`. Three LAVA jobs are submitted through the
+//! registered as devices of type `ferry-sim`, one per worker (one console a
+//! pty, the other behind ser2net as `connection_command: telnet …`), whose
+//! jobs run through Ferry's `lava-run`. Three LAVA jobs are submitted through the
 //! REST API; one is canceled while its test runs. Skipped (saying so) when
 //! lava-server is not installed or not root, or with FERRY_SKIP_LAVA=1.
 
@@ -136,16 +137,22 @@ impl Lab {
     }
 }
 
-fn device_dict(board: &SimBoard, name: &str) -> String {
+/// A device dictionary for `board`: its console a tty (`ferry_console_tty`)
+/// or, given a port, LAVA's usual `connection_command`, a telnet to ser2net.
+fn device_dict(board: &SimBoard, name: &str, telnet: Option<u16>) -> String {
     let sim = bin("ferry-sim-board").display().to_string();
     let b = board.board.display();
+    let console = match telnet {
+        Some(port) => format!("{{% set connection_command = 'telnet 127.0.0.1 {port}' %}}"),
+        None => format!("{{% set ferry_console_tty = '{b}/console' %}}"),
+    };
     format!(
         "{{% extends 'ferry-sim.jinja2' %}}
 {{% set power_on_command = '{sim} --board {b} on' %}}
 {{% set power_off_command = '{sim} --board {b} off' %}}
 {{% set hard_reset_command = '{sim} --board {b} reset' %}}
 {{% set ferry_device = '{name}' %}}
-{{% set ferry_console_tty = '{b}/console' %}}
+{console}
 "
     )
 }
@@ -275,11 +282,16 @@ fn three_jobs_through_lava_server_two_complete_one_canceled() {
     let boards = [SimBoard::new(), SimBoard::new()];
     let id = std::process::id();
     let workers = [format!("ferry-{id}-w1"), format!("ferry-{id}-w2")];
+    // The second board's console is behind ser2net, reached as LAVA labs
+    // reach theirs: `connection_command: telnet HOST PORT`.
+    let (_ser2net, port) =
+        ferry_tests::Ser2net::start(tmp.path(), &boards[1].board.join("console"), true);
     let mut devices = Vec::new();
     for (i, b) in boards.iter().enumerate() {
         let name = format!("ferry-{id}-sim{}", i + 1);
         let dict = tmp.path().join(format!("{name}.jinja2"));
-        std::fs::write(&dict, device_dict(b, &name)).expect("dict");
+        let telnet = (i == 1).then_some(port);
+        std::fs::write(&dict, device_dict(b, &name, telnet)).expect("dict");
         devices.push(format!(
             "{name}:ferry-sim:{}:{}",
             workers[i],
@@ -408,6 +420,19 @@ fn three_jobs_through_lava_server_two_complete_one_canceled() {
         "{canceled:?}"
     );
     assert!(!canceled.iter().any(|r| r.1 == "never"), "{canceled:?}");
+    // Both boards ran jobs (so did the console behind ser2net).
+    let mut used: Vec<String> = [long, first, second]
+        .iter()
+        .map(|id| {
+            lab.job(*id)["actual_device"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 2, "jobs ran on {used:?}");
     // Both boards are off, and lava-server has both devices idle again.
     for (b, d) in boards.iter().zip(&devices) {
         assert!(!b.powered(), "board {} still powered", b.board.display());
