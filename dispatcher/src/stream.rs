@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::plan::v1::RecordStream;
-use ferry_proto::stream::{Decoder, FileDigest, Manifest, Message, Verdict};
+use ferry_proto::stream::{Decoder, FileDigest, Hello, Manifest, Message, Verdict};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use sha2::Digest;
@@ -288,6 +288,9 @@ fn same_token(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The server side of one stream's TLS connection.
+type ServerTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
 /// One records file being received.
 struct Incoming {
     file: tokio::fs::File,
@@ -315,65 +318,86 @@ struct Session {
 }
 
 impl Session {
-    /// Accepts connections until one authenticated stream has ended (kept
-    /// or not); connections without the token are dropped and do not count.
+    /// Accepts connections until one has authenticated, then receives its
+    /// stream (kept or not) and accepts no more. Handshakes run side by
+    /// side, so a peer that connects and stalls cannot hold the agent up;
+    /// connections without the token are dropped and do not count.
     async fn serve(
         self,
         listener: tokio::net::TcpListener,
         acceptor: tokio_rustls::TlsAcceptor,
         state: watch::Sender<State>,
     ) {
-        loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let hello = tokio::time::timeout(self.timeout, async {
-                let mut tls = acceptor.accept(tcp).await?;
-                let mut d = Decoder::after_preamble();
-                let hello = next(&mut tls, &mut d).await?;
-                Ok::<_, Broken>((tls, d, hello))
-            })
-            .await;
-            let (tls, d, hello) = match hello {
-                Ok(Ok((tls, d, Message::Hello(h)))) if same_token(&h.token, &self.token) => {
-                    (tls, d, h)
-                }
-                Ok(Ok(_)) => {
-                    self.say(json!({ "kind": "stream-refused", "peer": peer.to_string(), "why": "no valid stream token" }));
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    self.say(json!({ "kind": "stream-refused", "peer": peer.to_string(), "why": e.to_string() }));
-                    continue;
-                }
-                Err(_) => {
-                    self.say(json!({ "kind": "stream-refused", "peer": peer.to_string(), "why": format!("no hello within {:?}", self.timeout) }));
-                    continue;
-                }
-            };
-            self.say(
-                json!({ "kind": "stream-connected", "peer": peer.to_string(), "boot": hello.boot }),
-            );
-            let result = self.receive(tls, d).await;
-            match result {
-                Ok(m) => {
-                    self.say(
-                        json!({ "kind": "stream-kept", "files": m.files, "sha256": m.sha256 }),
-                    );
-                    let _ = state.send(State::Kept(Arc::new(m)));
-                }
-                Err(e) => {
-                    self.say(json!({ "kind": "stream-failed", "why": e.to_string() }));
-                    self.events.say(
-                        "dispatcher",
-                        format!("live record stream not kept ({e}): the records will be fetched"),
-                    );
-                    let _ = state.send(State::Failed);
+        let this = Arc::new(self);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let accepting = {
+            let this = this.clone();
+            async move {
+                loop {
+                    let Ok((tcp, peer)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (this, acceptor, tx) = (this.clone(), acceptor.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        if let Some(authenticated) = this.handshake(&acceptor, tcp, peer).await {
+                            let _ = tx.send(authenticated).await;
+                        }
+                    });
                 }
             }
-            return;
+        };
+        let (tls, d, hello, peer) = tokio::select! {
+            () = accepting => return,
+            got = rx.recv() => match got {
+                Some(got) => got,
+                None => return,
+            },
+        };
+        this.say(
+            json!({ "kind": "stream-connected", "peer": peer.to_string(), "boot": hello.boot }),
+        );
+        match this.receive(tls, d).await {
+            Ok(m) => {
+                this.say(json!({ "kind": "stream-kept", "files": m.files, "sha256": m.sha256 }));
+                let _ = state.send(State::Kept(Arc::new(m)));
+            }
+            Err(e) => {
+                this.say(json!({ "kind": "stream-failed", "why": e.to_string() }));
+                this.events.say(
+                    "dispatcher",
+                    format!("live record stream not kept ({e}): the records will be fetched"),
+                );
+                let _ = state.send(State::Failed);
+            }
         }
+    }
+
+    /// TLS, then the hello with this stream's token, within the timeout;
+    /// `None` (said in the events) for anything else.
+    async fn handshake(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(ServerTls, Decoder, Hello, SocketAddr)> {
+        let _ = tcp.set_nodelay(true);
+        let hello = tokio::time::timeout(self.timeout, async {
+            let mut tls = acceptor.accept(tcp).await?;
+            let mut d = Decoder::after_preamble();
+            let hello = next(&mut tls, &mut d).await?;
+            Ok::<_, Broken>((tls, d, hello))
+        })
+        .await;
+        let why = match hello {
+            Ok(Ok((tls, d, Message::Hello(h)))) if same_token(&h.token, &self.token) => {
+                return Some((tls, d, h, peer))
+            }
+            Ok(Ok(_)) => "no valid stream token".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no hello within {:?}", self.timeout),
+        };
+        self.say(json!({ "kind": "stream-refused", "peer": peer.to_string(), "why": why }));
+        None
     }
 
     fn say(&self, v: serde_json::Value) {
@@ -627,6 +651,12 @@ mod tests {
             .await,
             None
         );
+        // A peer that connects and says nothing does not hold the agent up
+        // (the hello timeout is 5 s).
+        let _stalled = tokio::net::TcpStream::connect(plan.address.as_str())
+            .await
+            .expect("stalled peer");
+        let started = std::time::Instant::now();
         // The right token and every byte: kept.
         let v = agent(
             &plan,
@@ -636,6 +666,11 @@ mod tests {
         .await
         .expect("verdict");
         assert!(v.kept, "{v:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
         let kept = tokio::time::timeout(Duration::from_secs(5), l.kept())
             .await
             .expect("kept");
