@@ -7,6 +7,13 @@
 //! `FERRY_BENCH_RUNS` the repetitions (default 3; medians are printed).
 //! Needs gzip, xz, zstd, dd and, for the sparse peer, bmaptool.
 //!
+//! Throttled target (`FERRY_BENCH_THROTTLE_MBPS`, default 100; 0 skips):
+//! as root, a loop device over a file in DIR, writes limited by the cgroup
+//! v1 `blkio.throttle.write_bps_device` (or cgroup v2 `io.max`) of a cgroup
+//! this process moves into (the peers, its children, follow it): slow
+//! media, where skipping holes is the gain. When neither works it says why
+//! and skips those cases.
+//!
 //! Ferry runs in this process through the simulated board's platform code
 //! (a file partition opened by `SimPlatform`), without the gRPC hop; its
 //! peak memory is this process's high-water mark (`VmHWM`).
@@ -17,7 +24,7 @@ use std::time::Instant;
 
 use ferry_master_agent::deploy::{self, Bmap, Compression, ImageSpec};
 use ferry_master_agent::platform::sim::{SimConfig, SimPartition, SimPlatform};
-use ferry_master_agent::platform::Platform;
+use ferry_master_agent::platform::{Platform, WriteTarget};
 use sha2::{Digest, Sha256};
 
 fn sh(cmd: &str) -> f64 {
@@ -61,10 +68,10 @@ fn fresh_partition(path: &Path, size: u64) {
     f.set_len(size).expect("size");
 }
 
-fn ferry(platform: &SimPlatform, input: &Path, bmap: Option<&Bmap>) -> f64 {
+fn ferry(target: impl FnOnce() -> WriteTarget, input: &Path, bmap: Option<&Bmap>) -> f64 {
     let sha = sha_file(input);
     let t = Instant::now();
-    let target = platform.open_for_write("part").expect("open");
+    let target = target();
     let spec = ImageSpec {
         partition: "part".into(),
         sha256: sha,
@@ -79,6 +86,118 @@ fn ferry(platform: &SimPlatform, input: &Path, bmap: Option<&Bmap>) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// A loop device over a file, its writes throttled to `mbps` MB/s for this
+/// process (and its children) through a cgroup; undone on drop.
+struct Throttled {
+    device: PathBuf,
+    cgroup: PathBuf,
+    root_procs: PathBuf,
+}
+
+impl Throttled {
+    fn new(backing: &Path, size: u64, mbps: u64) -> Result<Self, String> {
+        let f = std::fs::File::create(backing).map_err(|e| e.to_string())?;
+        f.set_len(size).map_err(|e| e.to_string())?;
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(backing)
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&device).map_err(|e| e.to_string())?.rdev();
+        let dev = format!(
+            "{}:{}",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev)
+        );
+        let bps = mbps * 1_000_000;
+        let name = format!("ferry-bench-{}", std::process::id());
+        let attempt = || -> Result<(PathBuf, PathBuf), String> {
+            let v2 = Path::new("/sys/fs/cgroup");
+            let v2_ok = std::fs::read_to_string(v2.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|w| w == "io"));
+            if v2_ok {
+                let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+io");
+                let cg = v2.join(&name);
+                std::fs::create_dir(&cg).map_err(|e| format!("cgroup v2: {e}"))?;
+                std::fs::write(cg.join("io.max"), format!("{dev} wbps={bps}"))
+                    .map_err(|e| format!("io.max: {e}"))?;
+                return Ok((cg, v2.join("cgroup.procs")));
+            }
+            let v1 = Path::new("/sys/fs/cgroup/blkio");
+            let cg = v1.join(&name);
+            std::fs::create_dir(&cg).map_err(|e| format!("no cgroup v2 io controller; blkio v1: {e}"))?;
+            std::fs::write(cg.join("blkio.throttle.write_bps_device"), format!("{dev} {bps}"))
+                .map_err(|e| format!("blkio.throttle.write_bps_device: {e}"))?;
+            Ok((cg, v1.join("cgroup.procs")))
+        };
+        let (cgroup, root_procs) = attempt().inspect_err(|_| {
+            let _ = Command::new("losetup").arg("-d").arg(&device).status();
+        })?;
+        let t = Throttled {
+            device,
+            cgroup,
+            root_procs,
+        };
+        std::fs::write(t.cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(|e| format!("joining the cgroup: {e}"))?;
+        Ok(t)
+    }
+
+    fn target(&self) -> WriteTarget {
+        use std::io::Seek;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.device)
+            .expect("open loop device");
+        let capacity = file.seek(std::io::SeekFrom::End(0)).expect("size");
+        WriteTarget {
+            file,
+            capacity,
+            path: self.device.clone(),
+            readback_fault: None,
+        }
+    }
+}
+
+impl Drop for Throttled {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.root_procs, std::process::id().to_string());
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// Times each case for Ferry and its peer, `runs` times each, and prints medians.
+fn run_cases(
+    prefix: &str,
+    cases: &[(&str, String, Option<&Bmap>, String)],
+    runs: usize,
+    fresh: &dyn Fn(),
+    open: &dyn Fn() -> WriteTarget,
+) {
+    for (name, input, bmap, peer) in cases {
+        let (mut f, mut q) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            fresh();
+            f.push(ferry(open, Path::new(input), *bmap));
+            fresh();
+            q.push(sh(peer));
+        }
+        let (fm, qm) = (median(f), median(q));
+        let name = format!("{prefix}{name}");
+        println!("{name:<30} {fm:>8.2} {qm:>8.2} {:>11.2}  {peer}", fm / qm);
+    }
+}
+
 fn main() {
     let env = |k: &str, d: u64| {
         std::env::var(k)
@@ -87,6 +206,7 @@ fn main() {
             .unwrap_or(d)
     };
     let mib = env("FERRY_BENCH_MIB", 1024);
+    let throttle_mbps = env("FERRY_BENCH_THROTTLE_MBPS", 100);
     let runs = env("FERRY_BENCH_RUNS", 3) as usize;
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = std::env::args()
@@ -106,7 +226,7 @@ fn main() {
          for i in $(seq 1 {reps}); do cat {seed}; done | head -c {size} > {dense}; \
          cp {dense} {sparse}; \
          for i in $(seq 0 {last}); do [ $((i % 4)) -eq 0 ] || fallocate -p -o $((i * 1048576)) -l 1048576 {sparse}; done; \
-         gzip -6 -c {dense} > {dense}.gz; xz -6 -c {dense} > {dense}.xz; zstd -q -3 -c {dense} > {dense}.zst",
+         gzip -6 -c {dense} > {dense}.gz & xz -T2 -6 -c {dense} > {dense}.xz; wait; zstd -q -3 -c {dense} > {dense}.zst",
         seed = d("seed"),
         reps = mib / 64 + 1,
         dense = d("dense.img"),
@@ -182,21 +302,50 @@ fn main() {
     }
     println!("deploy_bench: {mib} MiB images, {runs} runs, medians in seconds; partition {p}");
     println!(
-        "{:<22} {:>8} {:>8} {:>11}  peer",
+        "{:<30} {:>8} {:>8} {:>11}  peer",
         "case", "ferry", "peer", "ferry/peer"
     );
-    for (name, input, bmap, peer) in &cases {
-        let (mut f, mut q) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            fresh_partition(&part, size + (64 << 20));
-            sh("sync");
-            f.push(ferry(&platform, Path::new(input), *bmap));
-            fresh_partition(&part, size + (64 << 20));
-            sh("sync");
-            q.push(sh(peer));
+    let fresh_file = || {
+        fresh_partition(&part, size + (64 << 20));
+        sh("sync");
+    };
+    let open_file = || platform.open_for_write("part").expect("open");
+    run_cases("", &cases, runs, &fresh_file, &open_file);
+
+    if throttle_mbps > 0 {
+        match Throttled::new(&dir.join("throttled.img"), size + (64 << 20), throttle_mbps) {
+            Err(why) => println!("throttled target: not measured here ({why})"),
+            Ok(t) => {
+                let dev = t.device.display().to_string();
+                let dd = |input: &str| {
+                    format!("dd of={dev} bs=1M conv=fsync status=none iflag=fullblock {input}")
+                };
+                let mut slow: Vec<(&str, String, Option<&Bmap>, String)> = vec![
+                    ("raw vs dd", dense.clone(), None, dd(&format!("if={dense}"))),
+                    (
+                        "75% holes, no bmap",
+                        sparse.clone(),
+                        None,
+                        dd(&format!("if={sparse}")),
+                    ),
+                ];
+                if let Some(b) = bmap.as_ref() {
+                    slow.push((
+                        "75% holes, bmap",
+                        sparse.clone(),
+                        Some(b),
+                        format!("bmaptool -q copy --bmap {} {sparse} {dev}", d("sparse.bmap")),
+                    ));
+                }
+                println!("throttled target: {dev}, writes limited to {throttle_mbps} MB/s");
+                // Each run starts from a device that reads all zeros and holds no data.
+                let fresh_dev = || {
+                    sh(&format!("blkdiscard {dev} && sync"));
+                };
+                let open_dev = || t.target();
+                run_cases("throttled ", &slow, runs, &fresh_dev, &open_dev);
+            }
         }
-        let (fm, qm) = (median(f), median(q));
-        println!("{name:<22} {fm:>8.2} {qm:>8.2} {:>11.2}  {peer}", fm / qm);
     }
     println!(
         "ferry peak RSS (whole benchmark process): {} MiB",

@@ -36,6 +36,10 @@ enum Mode<'b> {
         hasher: RangeHasher,
         /// Where the last range ended (the start of the unmapped gap after it).
         gap_from: u64,
+        /// Unmapped gaps are punched: only in a file (the simulated board),
+        /// where it is free. A block device charges the zeroing like a
+        /// write (slow media, I/O throttles), and bmaptool leaves them too.
+        punch_gaps: bool,
     },
 }
 
@@ -59,6 +63,7 @@ impl<'a, 'b> Placer<'a, 'b> {
                 next: 0,
                 hasher: RangeHasher::new(bmap.kind),
                 gap_from: 0,
+                punch_gaps: target.file.metadata().is_ok_and(|m| m.file_type().is_file()),
             },
             None => Mode::Holes {
                 pending: None,
@@ -198,6 +203,7 @@ impl<'a, 'b> Placer<'a, 'b> {
                 next,
                 hasher,
                 gap_from,
+                punch_gaps,
             } = &mut self.mode
             else {
                 unreachable!("put_mapped runs in bmap mode")
@@ -237,7 +243,7 @@ impl<'a, 'b> Placer<'a, 'b> {
             }
             // Unmapped blocks are the image's don't-care: made to read as
             // zeros when that is free, never written.
-            if s == range.start && gap.1 > gap.0 {
+            if *punch_gaps && s == range.start && gap.1 > gap.0 {
                 self.touched = true;
                 let _ = self.target.punch(gap.0, gap.1 - gap.0);
             }
@@ -272,9 +278,14 @@ impl<'a, 'b> Placer<'a, 'b> {
                     self.zero(s, l)?;
                 }
             }
-            Mode::Bmap { bmap, gap_from, .. } => {
+            Mode::Bmap {
+                bmap,
+                gap_from,
+                punch_gaps,
+                ..
+            } => {
                 let (bmap, gap_from) = (*bmap, *gap_from);
-                if gap_from < self.offset {
+                if *punch_gaps && gap_from < self.offset {
                     let _ = self.target.punch(gap_from, self.offset - gap_from);
                 }
                 if self.offset != bmap.image_size {
