@@ -111,7 +111,9 @@ impl Throttled {
         }
         let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         use std::os::unix::fs::MetadataExt;
-        let rdev = std::fs::metadata(&device).map_err(|e| e.to_string())?.rdev();
+        let rdev = std::fs::metadata(&device)
+            .map_err(|e| e.to_string())?
+            .rdev();
         let dev = format!(
             "{}:{}",
             nix::sys::stat::major(rdev),
@@ -133,9 +135,13 @@ impl Throttled {
             }
             let v1 = Path::new("/sys/fs/cgroup/blkio");
             let cg = v1.join(&name);
-            std::fs::create_dir(&cg).map_err(|e| format!("no cgroup v2 io controller; blkio v1: {e}"))?;
-            std::fs::write(cg.join("blkio.throttle.write_bps_device"), format!("{dev} {bps}"))
-                .map_err(|e| format!("blkio.throttle.write_bps_device: {e}"))?;
+            std::fs::create_dir(&cg)
+                .map_err(|e| format!("no cgroup v2 io controller; blkio v1: {e}"))?;
+            std::fs::write(
+                cg.join("blkio.throttle.write_bps_device"),
+                format!("{dev} {bps}"),
+            )
+            .map_err(|e| format!("blkio.throttle.write_bps_device: {e}"))?;
             Ok((cg, v1.join("cgroup.procs")))
         };
         let (cgroup, root_procs) = attempt().inspect_err(|_| {
@@ -146,8 +152,11 @@ impl Throttled {
             cgroup,
             root_procs,
         };
-        std::fs::write(t.cgroup.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(|e| format!("joining the cgroup: {e}"))?;
+        std::fs::write(
+            t.cgroup.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .map_err(|e| format!("joining the cgroup: {e}"))?;
         Ok(t)
     }
 
@@ -176,10 +185,39 @@ impl Drop for Throttled {
     }
 }
 
+/// A case: its name, Ferry's input, the bmap Ferry uses, the peer's command.
+type Case<'b> = (&'static str, String, Option<&'b Bmap>, String);
+
+/// The 75%-holes cases on `target`: without a bmap against `dd`, with one
+/// against `bmaptool copy`.
+fn holes_cases<'b>(
+    sparse: &str,
+    bmap: Option<&'b Bmap>,
+    bmap_file: &str,
+    target: &str,
+    dd: &dyn Fn(&str) -> String,
+) -> Vec<Case<'b>> {
+    let mut cases = vec![(
+        "75% holes, no bmap",
+        sparse.to_string(),
+        None,
+        dd(&format!("if={sparse}")),
+    )];
+    if let Some(b) = bmap {
+        cases.push((
+            "75% holes, bmap",
+            sparse.to_string(),
+            Some(b),
+            format!("bmaptool -q copy --bmap {bmap_file} {sparse} {target}"),
+        ));
+    }
+    cases
+}
+
 /// Times each case for Ferry and its peer, `runs` times each, and prints medians.
 fn run_cases(
     prefix: &str,
-    cases: &[(&str, String, Option<&Bmap>, String)],
+    cases: &[Case],
     runs: usize,
     fresh: &dyn Fn(),
     open: &dyn Fn() -> WriteTarget,
@@ -259,7 +297,7 @@ fn main() {
         format!("dd of={p} bs=1M conv=notrunc,fsync status=none iflag=fullblock {input}")
     };
     let (dense, sparse) = (d("dense.img"), d("sparse.img"));
-    let mut cases: Vec<(&str, String, Option<&Bmap>, String)> = vec![
+    let mut cases: Vec<Case> = vec![
         ("raw vs dd", dense.clone(), None, dd(&format!("if={dense}"))),
         (
             "raw vs tee sha256|dd",
@@ -285,21 +323,14 @@ fn main() {
             None,
             format!("zstd -qdc {dense}.zst | {}", dd("")),
         ),
-        (
-            "75% holes, no bmap",
-            sparse.clone(),
-            None,
-            dd(&format!("if={sparse}")),
-        ),
     ];
-    if let Some(b) = bmap.as_ref() {
-        cases.push((
-            "75% holes, bmap",
-            sparse.clone(),
-            Some(b),
-            format!("bmaptool -q copy --bmap {} {sparse} {p}", d("sparse.bmap")),
-        ));
-    }
+    cases.extend(holes_cases(
+        &sparse,
+        bmap.as_ref(),
+        &d("sparse.bmap"),
+        &p.to_string(),
+        &dd,
+    ));
     println!("deploy_bench: {mib} MiB images, {runs} runs, medians in seconds; partition {p}");
     println!(
         "{:<30} {:>8} {:>8} {:>11}  peer",
@@ -320,23 +351,15 @@ fn main() {
                 let dd = |input: &str| {
                     format!("dd of={dev} bs=1M conv=fsync status=none iflag=fullblock {input}")
                 };
-                let mut slow: Vec<(&str, String, Option<&Bmap>, String)> = vec![
-                    ("raw vs dd", dense.clone(), None, dd(&format!("if={dense}"))),
-                    (
-                        "75% holes, no bmap",
-                        sparse.clone(),
-                        None,
-                        dd(&format!("if={sparse}")),
-                    ),
-                ];
-                if let Some(b) = bmap.as_ref() {
-                    slow.push((
-                        "75% holes, bmap",
-                        sparse.clone(),
-                        Some(b),
-                        format!("bmaptool -q copy --bmap {} {sparse} {dev}", d("sparse.bmap")),
-                    ));
-                }
+                let mut slow: Vec<Case> =
+                    vec![("raw vs dd", dense.clone(), None, dd(&format!("if={dense}")))];
+                slow.extend(holes_cases(
+                    &sparse,
+                    bmap.as_ref(),
+                    &d("sparse.bmap"),
+                    &dev,
+                    &dd,
+                ));
                 println!("throttled target: {dev}, writes limited to {throttle_mbps} MB/s");
                 // Each run starts from a device that reads all zeros and holds no data.
                 let fresh_dev = || {

@@ -564,4 +564,25 @@ mod tests {
         });
         assert_eq!(code(large), Code::OutOfRange);
     }
+
+    #[test]
+    fn a_callers_grpc_timeout_is_read_in_every_unit() {
+        let mut meta = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&meta), None);
+        for (text, d) in [
+            ("2H", Duration::from_secs(7200)),
+            ("3M", Duration::from_secs(180)),
+            ("90S", Duration::from_secs(90)),
+            ("1500m", Duration::from_millis(1500)),
+            ("7u", Duration::from_micros(7)),
+            ("9n", Duration::from_nanos(9)),
+        ] {
+            meta.insert("grpc-timeout", text.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&meta), Some(d), "{text}");
+        }
+        for bad in ["", "S", "10x", "-1S"] {
+            meta.insert("grpc-timeout", bad.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&meta), None, "{bad:?}");
+        }
+    }
 }

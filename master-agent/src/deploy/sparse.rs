@@ -63,7 +63,10 @@ impl<'a, 'b> Placer<'a, 'b> {
                 next: 0,
                 hasher: RangeHasher::new(bmap.kind),
                 gap_from: 0,
-                punch_gaps: target.file.metadata().is_ok_and(|m| m.file_type().is_file()),
+                punch_gaps: target
+                    .file
+                    .metadata()
+                    .is_ok_and(|m| m.file_type().is_file()),
             },
             None => Mode::Holes {
                 pending: None,
