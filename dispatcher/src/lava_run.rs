@@ -206,6 +206,10 @@ fn infra(message: String) -> Outcome {
 
 /// Device, description, the Ferry run and its results as log lines.
 async fn job(args: &Args, out: &Path, log: &Log) -> Outcome {
+    // From here a SIGTERM no longer kills the process outright: one that
+    // comes before the run starts (which listens for its own) cancels it here.
+    let mut early_term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let dict = match std::fs::read_to_string(&args.device) {
         Ok(t) => t,
         Err(e) => return infra(format!("device dictionary {}: {e}", args.device.display())),
@@ -234,6 +238,14 @@ async fn job(args: &Args, out: &Path, log: &Log) -> Outcome {
             },
             Err(f) => Outcome::of(Phase::Setup, f),
         };
+    }
+    if let Some(term) = early_term.as_mut() {
+        if futures_util::FutureExt::now_or_never(term.recv()).is_some() {
+            return Outcome {
+                class: Class::Canceled,
+                message: "canceled by SIGTERM before the run started".into(),
+            };
+        }
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let follower = tokio::spawn(follow(ferry_out.join("events.jsonl"), log.clone(), stop_rx));
