@@ -3,7 +3,10 @@
 //! packages `.ci/run` installs; the images are built (cached) by
 //! `images/build`. Set FERRY_SKIP_QEMU=1 to skip these on a machine without them.
 
+use std::io::Read;
 use std::process::Command;
+
+use sha2::Digest;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ferry_tests::{
@@ -238,6 +241,77 @@ fn the_live_stream_brings_the_bytes_the_fetch_does() {
         "the test boot did not end cleanly:\n{}",
         run.dump()
     );
+    assert!(!board.qemu_running(), "QEMU must be gone after the job");
+}
+
+#[test]
+fn a_test_image_without_a_network_falls_back_to_the_fetch() {
+    let Some(_turn) = board_turn() else { return };
+    let board = QemuBoard::new("nonet");
+    // The test image, its rcS without the lines that bring the network up.
+    let dir = board.tmp.path();
+    let image = dir.join("nonet.ext4");
+    let gz = std::fs::read(workspace().join("images/out/test-rootfs.ext4.gz")).expect("image");
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(gz.as_slice())
+        .read_to_end(&mut raw)
+        .expect("gunzip");
+    std::fs::write(&image, raw).expect("write image");
+    let rcs = std::fs::read_to_string(workspace().join("images/test/rcS")).expect("rcS");
+    // From the network comment to the `fi` closing that block.
+    let (head, rest) = rcs
+        .split_once("# Network")
+        .expect("rcS sets up the network");
+    let (_, tail) = rest.split_once("\nfi\n").expect("the network block ends");
+    let cut = format!("{head}{tail}");
+    assert!(!cut.contains("eth0") && cut.contains("/etc/init.d/S"));
+    std::fs::write(dir.join("rcS"), &cut).expect("rcS");
+    for req in [
+        "rm /etc/init.d/rcS",
+        &format!("write {} /etc/init.d/rcS", dir.join("rcS").display()),
+        "sif /etc/init.d/rcS mode 0100755",
+    ] {
+        let out = Command::new("debugfs")
+            .args(["-w", "-R", req])
+            .arg(&image)
+            .output()
+            .expect("debugfs");
+        assert!(
+            out.status.success(),
+            "debugfs {req}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sha = format!(
+        "{:x}",
+        sha2::Sha256::digest(std::fs::read(&image).expect("image"))
+    );
+    let job = board.job(
+        "nonet",
+        &format!(
+            "job: qemu-nonet\ntimeouts: {{job: 10m, deploy: 5m, test: 3m}}\ndeploy:\n  - image: {}\n    to: testrootfs\n    sha256: {sha}\ntest:\n  definitions:\n    - path: {{examples}}/defs/smoke.yaml\n",
+            image.display()
+        ),
+    );
+    let run = board.run(&job);
+    run.expect_outcome("complete");
+    let mut expected = smoke_cases();
+    expected.push(r("lava", "smoke", "pass"));
+    assert_eq!(run.results(), expected, "{}", run.dump());
+    // The agent could not reach the stream: the records were fetched.
+    assert_eq!(
+        run.boot_roles(),
+        ["master", "test", "master"],
+        "{}",
+        run.dump()
+    );
+    let console = run.text("console.log");
+    assert!(
+        console.contains("[ferry] live stream: stream to 192.0.2.1:"),
+        "{}",
+        run.dump()
+    );
+    assert!(!run.text("events.jsonl").contains("\"stream-kept\""));
     assert!(!board.qemu_running(), "QEMU must be gone after the job");
 }
 
