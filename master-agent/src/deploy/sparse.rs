@@ -13,6 +13,12 @@ use crate::platform::WriteTarget;
 /// written like data (a punch per 4 KiB would cost more than the write).
 const GRAIN: usize = 64 << 10;
 
+/// Every this many bytes written, writeback of what was written is started
+/// (and the pages written before, clean by then, are dropped): the medium
+/// writes while the rest of the image is still decoding, instead of all at
+/// the final sync, and the page cache does not fill with the image.
+const KICK: u64 = 8 << 20;
+
 /// Whether every byte is zero; folds 4 KiB at a time so it vectorises,
 /// stopping at the first stretch holding data.
 fn is_zero(bytes: &[u8]) -> bool {
@@ -49,6 +55,8 @@ pub struct Placer<'a, 'b> {
     partition: &'a str,
     offset: u64,
     written: u64,
+    /// Where writeback was last started up to.
+    kicked: u64,
     /// Something was written or punched.
     touched: bool,
     mode: Mode<'b>,
@@ -78,6 +86,7 @@ impl<'a, 'b> Placer<'a, 'b> {
             partition,
             offset: 0,
             written: 0,
+            kicked: 0,
             touched: false,
             mode,
         }
@@ -112,6 +121,22 @@ impl<'a, 'b> Placer<'a, 'b> {
             .write_all_at(data, at)
             .map_err(self.write_err())?;
         self.written += data.len() as u64;
+        let end = at + data.len() as u64;
+        if end >= self.kicked + KICK {
+            // DONTNEED starts writeback of dirty pages and drops clean ones;
+            // advice only, so its failure changes nothing.
+            let from = self.kicked.saturating_sub(KICK);
+            let (Ok(off), Ok(len)) = (i64::try_from(from), i64::try_from(end - from)) else {
+                return Ok(());
+            };
+            let _ = nix::fcntl::posix_fadvise(
+                &self.target.file,
+                off,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+            self.kicked = end;
+        }
         Ok(())
     }
 
