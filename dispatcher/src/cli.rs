@@ -94,6 +94,13 @@ enum Cmd {
         /// The LAVA job file.
         job: PathBuf,
     },
+    /// Write OUTPUT-DIR/report.html again from the folder's files (a
+    /// self-contained page: summary, results, every source on one
+    /// timeline, memory charts). Exit 3 when it cannot be written.
+    Report {
+        /// A job's output folder.
+        output: PathBuf,
+    },
     /// List the jobs running on this host (from the device locks).
     List {
         /// One JSON object per job instead of a table.
@@ -236,6 +243,16 @@ pub fn main() -> ExitCode {
             Err(f) => {
                 eprintln!("dispatcher: {}", f.message);
                 ExitCode::from(2)
+            }
+        },
+        Cmd::Report { output } => match crate::html::write(&output, None) {
+            Ok(()) => {
+                println!("{}", output.join(crate::html::FILE).display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("dispatcher report: {e}");
+                ExitCode::from(Class::InfrastructureError.exit_code())
             }
         },
         Cmd::List { json } => {

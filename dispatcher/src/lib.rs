@@ -21,6 +21,7 @@ pub mod events;
 pub mod exec;
 pub mod fs_check;
 pub mod git;
+pub mod html;
 pub mod job;
 pub mod jobs;
 pub mod kernel_trouble;

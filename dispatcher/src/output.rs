@@ -50,11 +50,12 @@ pub struct Report<'a> {
 }
 
 /// The files [`write`] produces, `outcome.json` last.
-const FILES: [&str; 5] = [
+const FILES: [&str; 6] = [
     "results.json",
     "results.yaml",
     "junit.xml",
     "summary.txt",
+    crate::html::FILE,
     "outcome.json",
 ];
 
@@ -84,7 +85,7 @@ pub const BOARD_DIR: &str = "board";
 
 /// Writes `name` in `out` atomically (a temporary file renamed into place):
 /// a reader never sees half a file, even if the dispatcher dies mid-write.
-fn put(out: &Path, name: &str, text: &[u8]) -> std::io::Result<()> {
+pub(crate) fn put(out: &Path, name: &str, text: &[u8]) -> std::io::Result<()> {
     let mut tmp = tempfile::NamedTempFile::new_in(out)?;
     tmp.write_all(text)?;
     tmp.as_file().sync_data()?;
@@ -127,6 +128,9 @@ pub fn write(r: &Report) {
     let text = serde_json::to_string_pretty(&outcome).unwrap_or_default();
     let summary = summary(r);
     let _ = put(r.out, "summary.txt", summary.as_bytes());
+    if let Err(e) = crate::html::write(r.out, Some(&outcome)) {
+        tracing::warn!("report.html not written: {e}");
+    }
     // Last: a scheduler that sees outcome.json sees the rest too.
     let _ = put(r.out, "outcome.json", (text + "\n").as_bytes());
     // A closed stdout (a scheduler that stopped reading) is not an error.
