@@ -212,7 +212,24 @@ pub fn dispatch(device: &Path, job: &Path, out: &Path) -> Run {
 
 /// Runs `dispatcher run` as a separate process with `env` added.
 pub fn dispatch_env(device: &Path, job: &Path, out: &Path, env: &[(&str, &str)]) -> Run {
-    let output = Command::new(bin("dispatcher"))
+    let output = spawn_dispatch(device, job, out, env)
+        .wait_with_output()
+        .expect("dispatcher runs");
+    Run {
+        output,
+        dir: out.into(),
+    }
+}
+
+/// Starts `dispatcher run` as a separate process with `env` added, its
+/// stdout and stderr piped (for [`Run`] once it ended).
+pub fn spawn_dispatch(
+    device: &Path,
+    job: &Path,
+    out: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    Command::new(bin("dispatcher"))
         .envs(env.iter().copied())
         .arg("run")
         .arg("--device")
@@ -220,12 +237,10 @@ pub fn dispatch_env(device: &Path, job: &Path, out: &Path, env: &[(&str, &str)])
         .arg("--output")
         .arg(out)
         .arg(job)
-        .output()
-        .expect("dispatcher runs");
-    Run {
-        output,
-        dir: out.into(),
-    }
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dispatcher starts")
 }
 
 /// A simulated board in a temporary folder, described by a device file
@@ -376,4 +391,29 @@ impl Drop for Ser2net {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Waits until `out/events.jsonl` says the run entered `phase` (as the
+/// dispatcher names it: `deploy`, `test`, `fetching results`...); panics
+/// after `timeout`.
+pub fn wait_for_phase(out: &Path, phase: &str, timeout: std::time::Duration) {
+    let needle = format!("\"phase\":\"{phase}\"");
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap_or_default();
+        if events.contains(&needle) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the run never reached phase {phase}");
+}
+
+/// The sha256 of `bytes`, in hex, as a job file gives it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

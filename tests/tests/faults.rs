@@ -256,31 +256,12 @@ test:
 
 /// Starts `dispatcher run` of `job` on `board` in the background, writing to `out`.
 fn spawn_dispatcher(board: &SimBoard, job: &Path, out: &Path) -> std::process::Child {
-    Command::new(bin("dispatcher"))
-        .arg("run")
-        .arg("--device")
-        .arg(&board.device)
-        .arg("--output")
-        .arg(out)
-        .arg(job)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("dispatcher starts")
+    ferry_tests::spawn_dispatch(&board.device, job, out, &[])
 }
 
-/// Waits (at most 60 s) until `out/events.jsonl` says the run entered `phase`.
+/// Waits (at most 60 s) until the run writing `out` entered `phase`.
 fn wait_for_phase(out: &Path, phase: &str) {
-    let needle = format!("\"phase\":\"{phase}\"");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap_or_default();
-        if events.contains(&needle) {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("the run never reached phase {phase}");
+    ferry_tests::wait_for_phase(out, phase, std::time::Duration::from_secs(60));
 }
 
 #[test]
@@ -494,18 +475,12 @@ fn a_master_agent_killed_before_the_fetch_is_retried_after_a_hard_reset() {
         "kf.yaml",
         &job_with("retries: {fetch: {attempts: 2, interval: 0s}}\n"),
     );
-    let child = Command::new(bin("dispatcher"))
-        .env("FERRY_DISPATCHER_PAUSE_AT", "fetching results:2")
-        .arg("run")
-        .arg("--device")
-        .arg(&board.device)
-        .arg("--output")
-        .arg(&out)
-        .arg(&job)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dispatcher");
+    let child = ferry_tests::spawn_dispatch(
+        &board.device,
+        &job,
+        &out,
+        &[("FERRY_DISPATCHER_PAUSE_AT", "fetching results:2")],
+    );
     wait_for_phase(&out, "fetching results");
     kill_master_agent(&board);
     let output = child.wait_with_output().expect("wait");
@@ -548,21 +523,13 @@ fn cancel_in(phase: &str, pause: bool, job: &str) -> (SimBoard, ferry_tests::Run
     let board = SimBoard::new();
     let job = board.job("c.yaml", job);
     let out = board.tmp.path().join("out-cancel");
-    let mut cmd = Command::new(bin("dispatcher"));
-    if pause {
-        cmd.env("FERRY_DISPATCHER_PAUSE_AT", format!("{phase}:60"));
-    }
-    let child = cmd
-        .arg("run")
-        .arg("--device")
-        .arg(&board.device)
-        .arg("--output")
-        .arg(&out)
-        .arg(&job)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dispatcher");
+    let pause_at = format!("{phase}:60");
+    let env: &[(&str, &str)] = if pause {
+        &[("FERRY_DISPATCHER_PAUSE_AT", &pause_at)]
+    } else {
+        &[]
+    };
+    let child = ferry_tests::spawn_dispatch(&board.device, &job, &out, env);
     wait_for_phase(&out, phase);
     if phase == "test" {
         // Until the result is on the board.
@@ -722,17 +689,7 @@ fn run_cutting(
         "out-{}",
         job.file_stem().and_then(|s| s.to_str()).unwrap_or("cut")
     ));
-    let child = Command::new(bin("dispatcher"))
-        .arg("run")
-        .arg("--device")
-        .arg(&board.device)
-        .arg("--output")
-        .arg(&out)
-        .arg(job)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dispatcher");
+    let child = spawn_dispatcher(board, job, &out);
     wait_for_phase(&out, phase);
     std::thread::sleep(after);
     proxy.cut();
@@ -756,11 +713,7 @@ fn the_network_dropped_mid_deploy_is_an_infrastructure_error_with_the_board_off(
         *b = x as u8;
     }
     std::fs::write(&image, &data).expect("image");
-    let sha = {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(&data);
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let sha = ferry_tests::sha256_hex(&data);
     let job = board.job(
         "deploy-cut.yaml",
         &format!(
@@ -873,4 +826,71 @@ test:
         run.dump()
     );
     assert_nothing_left(&board, "heavy.yaml");
+}
+
+/// One timeout kind: its class, its failure kind and phase in `outcome.json`.
+fn expect_timeout(run: &ferry_tests::Run, class: &str, kind: &str, phase: &str) -> String {
+    let msg = run.expect_outcome(class);
+    let first = &run.json("outcome.json")["failures"][0];
+    assert_eq!(
+        (first["kind"].as_str(), first["phase"].as_str()),
+        (Some(kind), Some(phase)),
+        "{first}"
+    );
+    msg
+}
+
+#[test]
+fn the_job_timeout_during_the_test_is_a_test_error_that_keeps_the_results() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "jt.yaml",
+        &SLEEPING_JOB.replace(
+            "timeouts: {job: 2m, test: 60s}",
+            "timeouts: {job: 6s, test: 60s}",
+        ),
+    );
+    let run = board.run(&job);
+    let msg = expect_timeout(&run, "test-error", "job-timeout", "test");
+    assert!(msg.contains("job timeout"), "{msg}");
+    assert_eq!(
+        run.results(),
+        vec![r("work", "recorded", "pass"), r("lava", "work", "unknown")],
+        "{}",
+        run.dump()
+    );
+    assert_nothing_left(&board, "sleep 609");
+}
+
+#[test]
+fn the_job_timeout_while_booting_is_an_infrastructure_error() {
+    let board = SimBoard::new();
+    let job = board.job(
+        "jb.yaml",
+        &JOB.replace(
+            "timeouts: {job: 2m, test: 6s}",
+            "timeouts: {job: 3s, test: 6s}",
+        ),
+    );
+    let run = board.run_env(
+        &job,
+        &[(
+            "FERRY_DISPATCHER_PAUSE_AT",
+            "waiting for the master agent:30",
+        )],
+    );
+    expect_timeout(&run, "infrastructure-error", "job-timeout", "boot");
+    assert_nothing_left(&board, "jb.yaml");
+}
+
+#[test]
+fn a_console_that_cannot_be_opened_is_an_infrastructure_error_at_the_console_timeout() {
+    let board = SimBoard::with_device(|d| {
+        d.replace("  console: 10s\n", "  console: 1s\n")
+            .replace("/console\n", "/no-such-console\n")
+    });
+    let run = board.run(&board.job("nc.yaml", JOB));
+    let msg = expect_timeout(&run, "infrastructure-error", "console", "power");
+    assert!(msg.contains("cannot open console"), "{msg}");
+    assert_nothing_left(&board, "nc.yaml");
 }

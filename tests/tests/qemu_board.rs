@@ -48,6 +48,7 @@ struct QemuBoard {
     tmp: tempfile::TempDir,
     device: std::path::PathBuf,
     state: std::path::PathBuf,
+    netns: String,
 }
 
 impl QemuBoard {
@@ -88,7 +89,12 @@ impl QemuBoard {
         };
         let device = tmp.path().join("qemu.yaml");
         std::fs::write(&device, text).expect("device");
-        QemuBoard { tmp, device, state }
+        QemuBoard {
+            tmp,
+            device,
+            state,
+            netns,
+        }
     }
 
     /// Writes a job; `{examples}` stands for the example jobs' folder.
@@ -114,8 +120,43 @@ impl QemuBoard {
     fn qemu_running(&self) -> bool {
         !processes_mentioning(&self.state).is_empty()
     }
+
+    /// Starts `dispatcher run` of `job` in the background, pausing 5 s on
+    /// entering `phase` (a deploy under TCG takes about a second: the
+    /// test acts during the pause, before its first byte).
+    fn spawn(
+        &self,
+        job: &std::path::Path,
+        phase: &str,
+    ) -> (std::process::Child, std::path::PathBuf) {
+        let out = self.tmp.path().join("out");
+        let pause = format!("{phase}:5");
+        let child = ferry_tests::spawn_dispatch(
+            &self.device,
+            job,
+            &out,
+            &[("FERRY_DISPATCHER_PAUSE_AT", &pause)],
+        );
+        (child, out)
+    }
+
+    /// Nothing of the board is left: QEMU, its namespace.
+    fn assert_nothing_left(&self) {
+        assert!(!self.qemu_running(), "QEMU must be gone after the job");
+        assert!(
+            !std::path::Path::new("/run/netns")
+                .join(&self.netns)
+                .exists(),
+            "namespace {} left",
+            self.netns
+        );
+    }
 }
 
+/// Waits (at most 5 min) until the run writing `out` entered `phase`.
+fn wait_for_phase(out: &std::path::Path, phase: &str) {
+    ferry_tests::wait_for_phase(out, phase, std::time::Duration::from_secs(300));
+}
 impl Drop for QemuBoard {
     fn drop(&mut self) {
         let text = std::fs::read_to_string(&self.device).unwrap_or_default();
@@ -457,6 +498,114 @@ test:
         "{kernel}"
     );
     assert!(!board.qemu_running(), "QEMU must be gone after the job");
+}
+
+#[test]
+fn a_test_image_that_never_boots_is_a_test_error_and_the_board_comes_back() {
+    let Some(_turn) = board_turn() else { return };
+    let board = QemuBoard::new("noboot");
+    // A test rootfs with nothing to run (a tarball of an empty /etc): the
+    // master agent installs the test agent's hook into it, but there is no
+    // init to start.
+    let root = board.tmp.path().join("empty-root");
+    std::fs::create_dir_all(root.join("etc")).expect("etc");
+    let image = board.tmp.path().join("empty-root.tar.gz");
+    let tar = Command::new("tar")
+        .arg("-czf")
+        .arg(&image)
+        .arg("-C")
+        .arg(&root)
+        .arg("etc")
+        .status()
+        .expect("tar");
+    assert!(tar.success());
+    let sha = ferry_tests::sha256_hex(&std::fs::read(&image).expect("read"));
+    let job = board.job(
+        "noboot",
+        &format!(
+            r#"job: qemu-noboot
+timeouts: {{job: 10m, test: 90s}}
+deploy:
+  - image: {}
+    to: testrootfs
+    sha256: {sha}
+test:
+  definitions:
+    - inline:
+        metadata: {{format: Lava-Test Test Definition 1.0, name: never}}
+        run:
+          steps:
+            - lava-test-case never --result pass
+"#,
+            image.display()
+        ),
+    );
+    let run = board.run(&job);
+    let msg = run.expect_outcome("test-error");
+    eprintln!("never-booting test image: {msg}");
+    // The master image's init falls back to the master image, as a
+    // bootloader with a fallback entry would.
+    assert!(msg.contains("without the test agent ever running"), "{msg}");
+    assert_eq!(
+        run.results(),
+        vec![r("lava", "never", "unknown")],
+        "{}",
+        run.dump()
+    );
+    assert_eq!(run.boot_roles().first().map(String::as_str), Some("master"));
+    assert_eq!(
+        run.boot_roles().last().map(String::as_str),
+        Some("master"),
+        "{}",
+        run.dump()
+    );
+    board.assert_nothing_left();
+}
+
+#[test]
+fn cancel_in_the_deploy_phase_on_the_virtual_board_ends_within_5s_with_qemu_gone() {
+    let Some(_turn) = board_turn() else { return };
+    let board = QemuBoard::new("cancel");
+    let (child, out) = board.spawn(&workspace().join("examples/jobs/qemu-smoke.yaml"), "deploy");
+    wait_for_phase(&out, "deploy");
+    let sent = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let output = child.wait_with_output().expect("wait");
+    let took = sent.elapsed();
+    eprintln!("canceled mid-deploy on QEMU in {took:?}");
+    let run = Run { output, dir: out };
+    run.expect_outcome("canceled");
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    board.assert_nothing_left();
+}
+
+#[test]
+fn the_network_dropped_in_the_deploy_phase_on_the_virtual_board_is_an_infrastructure_error() {
+    let Some(_turn) = board_turn() else { return };
+    let board = QemuBoard::new("netcut");
+    let (child, out) = board.spawn(&workspace().join("examples/jobs/qemu-smoke.yaml"), "deploy");
+    wait_for_phase(&out, "deploy");
+    // The host side of the board's link goes down: its cable is pulled.
+    let cut = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "ip -n {ns} link set $(ip -n {ns} -o link show | grep -o 'ft[0-9a-f]*' | head -n 1) down",
+            ns = board.netns
+        ))
+        .status()
+        .expect("ip");
+    assert!(cut.success());
+    let output = child.wait_with_output().expect("wait");
+    let run = Run { output, dir: out };
+    let msg = run.expect_outcome("infrastructure-error");
+    eprintln!("network cut mid-deploy on QEMU: {msg}");
+    let outcome = run.json("outcome.json");
+    assert_eq!(outcome["failures"][0]["phase"], "deploy", "{outcome}");
+    board.assert_nothing_left();
 }
 
 #[test]
