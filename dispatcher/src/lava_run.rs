@@ -21,6 +21,7 @@
 //! result is logged as `lvl: results` once the records are back, and the
 //! job's own `lava`/`job` result last, as lava-run does.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -88,13 +89,43 @@ pub fn error_type(class: Class) -> &'static str {
     }
 }
 
+/// The names LAVA's dispatcher gives a job's definitions in its results,
+/// `INDEX_NAME` in job order (`0_smoke`, `1_ltp`: `test_name` in
+/// `lava_dispatcher/actions/deploy/testdef.py`), by Ferry's suite name.
+pub fn lava_suite_names(job_text: &str) -> HashMap<String, String> {
+    let doc: Value = serde_norway::from_str(job_text).unwrap_or(Value::Null);
+    let names = doc["actions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["test"]["definitions"].as_array())
+        .flatten()
+        .filter_map(|d| d["name"].as_str());
+    names
+        .enumerate()
+        .map(|(i, n)| (n.to_string(), format!("{i}_{n}")))
+        .collect()
+}
+
 /// One `results.json` row as the `lvl: results` message LAVA's dispatcher
-/// logs: `definition`, `case`, `result` and whatever else the row has.
-pub fn result_message(row: &Value) -> Option<Value> {
+/// logs: `definition` (the suite, as `names` renames it), `case`, `result`
+/// and whatever else the row has (a `lava` row's case is renamed too).
+pub fn result_message(row: &Value, names: &HashMap<String, String>) -> Option<Value> {
     let obj = row.as_object()?;
+    let rename = |v: &Value| match v.as_str().and_then(|s| names.get(s)) {
+        Some(n) => Value::String(n.clone()),
+        None => v.clone(),
+    };
+    let suite = obj.get("suite")?;
     let mut msg = serde_json::Map::new();
-    msg.insert("definition".into(), obj.get("suite")?.clone());
-    msg.insert("case".into(), obj.get("name")?.clone());
+    msg.insert("definition".into(), rename(suite));
+    let case = obj.get("name")?;
+    let case = if suite == crate::report::LAVA_SUITE {
+        rename(case)
+    } else {
+        case.clone()
+    };
+    msg.insert("case".into(), case);
     msg.insert("result".into(), obj.get("result")?.clone());
     for (k, v) in obj {
         if !["suite", "name", "result"].contains(&k.as_str()) {
@@ -267,8 +298,11 @@ async fn job(args: &Args, out: &Path, log: &Log) -> Outcome {
     match std::fs::read(ferry_out.join("results.json")) {
         Ok(bytes) => match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Array(rows)) => {
+                let names = std::fs::read_to_string(&args.definition)
+                    .map(|t| lava_suite_names(&t))
+                    .unwrap_or_default();
                 for row in &rows {
-                    if let Some(msg) = result_message(row) {
+                    if let Some(msg) = result_message(row, &names) {
                         log.send("results", msg);
                     }
                 }
@@ -476,17 +510,26 @@ mod tests {
 
     #[test]
     fn rows_become_lava_results() {
-        let m = result_message(&json!({"suite": "smoke", "name": "uart", "result": "pass", "measurement": 1.5, "units": "s", "set": "io"}))
-            .expect("row");
+        let names = lava_suite_names(
+            "actions:\n- test:\n    definitions:\n    - {name: smoke}\n    - {name: ltp}\n",
+        );
+        let m = result_message(
+            &json!({"suite": "ltp", "name": "uart", "result": "pass", "measurement": 1.5, "units": "s", "set": "io"}),
+            &names,
+        )
+        .expect("row");
         assert_eq!(
             m,
-            json!({"definition": "smoke", "case": "uart", "result": "pass", "measurement": "1.5", "units": "s", "set": "io"})
+            json!({"definition": "1_ltp", "case": "uart", "result": "pass", "measurement": "1.5", "units": "s", "set": "io"})
         );
         let l = result_message(
             &json!({"suite": "lava", "name": "smoke", "result": "fail", "duration": "1.25"}),
+            &names,
         )
         .expect("row");
+        assert_eq!(l["definition"], "lava");
+        assert_eq!(l["case"], "0_smoke");
         assert_eq!(l["duration"], "1.25");
-        assert!(result_message(&json!({"suite": "x"})).is_none());
+        assert!(result_message(&json!({"suite": "x"}), &names).is_none());
     }
 }
