@@ -163,20 +163,10 @@ fn rows_of(e: &Value, out: &mut Vec<Row>) {
     }
 }
 
-/// `&`, `<`, `>` and quotes escaped for text and attribute values.
+/// `&`, `<`, `>` and quotes escaped for text and attribute values (the
+/// same escaping as `junit.xml`'s).
 fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
+    quick_xml::escape::escape(s).into_owned()
 }
 
 /// Seconds from `start` to `ts` (both RFC 3339), for the time column.
@@ -269,7 +259,9 @@ const SCRIPT: &str = r#"
 /// # Errors
 /// When `events.jsonl` exists but cannot be read.
 pub fn render(dir: &Path, outcome: Option<&Value>) -> Result<String, HtmlError> {
-    let outcome = outcome.cloned().unwrap_or_else(|| json_file(dir, "outcome.json"));
+    let outcome = outcome
+        .cloned()
+        .unwrap_or_else(|| json_file(dir, "outcome.json"));
     let results = json_file(dir, "results.json");
     let resources = json_file(dir, "resources.json");
     let mut rows = Vec::new();
@@ -347,10 +339,7 @@ pub fn render(dir: &Path, outcome: Option<&Value>) -> Result<String, HtmlError> 
 
     let trouble: Vec<(usize, &Row)> = rows.iter().enumerate().filter(|(_, r)| r.trouble).collect();
     if !trouble.is_empty() {
-        let _ = writeln!(
-            h,
-            "<h2>Kernel warnings</h2>\n<ul id=\"kernel-warnings\">"
-        );
+        let _ = writeln!(h, "<h2>Kernel warnings</h2>\n<ul id=\"kernel-warnings\">");
         for (i, r) in &trouble {
             let _ = writeln!(
                 h,
@@ -398,7 +387,10 @@ pub fn render(dir: &Path, outcome: Option<&Value>) -> Result<String, HtmlError> 
             text = esc(&r.text),
         );
     }
-    let _ = write!(h, "</tbody></table>\n<script>{SCRIPT}</script>\n</body></html>\n");
+    let _ = write!(
+        h,
+        "</tbody></table>\n<script>{SCRIPT}</script>\n</body></html>\n"
+    );
     Ok(h)
 }
 
@@ -446,6 +438,9 @@ mod tests {
         let warning = html.find("class=\"kwarn\"").expect("marked warning");
         assert!(stderr < warning);
         assert!(html.contains("id=\"kernel-warnings\""));
-        assert!(!html.contains("http://") && !html.contains("https://"), "no fetches");
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "no fetches"
+        );
     }
 }
