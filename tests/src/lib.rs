@@ -398,15 +398,21 @@ impl Drop for Ser2net {
 /// after `timeout`.
 pub fn wait_for_phase(out: &Path, phase: &str, timeout: std::time::Duration) {
     let needle = format!("\"phase\":\"{phase}\"");
+    wait_for_event(out, &needle, &format!("phase {phase}"), timeout);
+}
+
+/// Waits until `out/events.jsonl` holds `needle`; panics after `timeout`
+/// saying the run never reached `what`.
+pub fn wait_for_event(out: &Path, needle: &str, what: &str, timeout: std::time::Duration) {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
         let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap_or_default();
-        if events.contains(&needle) {
+        if events.contains(needle) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    panic!("the run never reached phase {phase}");
+    panic!("the run never reached {what}");
 }
 
 /// The sha256 of `bytes`, in hex, as a job file gives it.

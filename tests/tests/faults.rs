@@ -535,18 +535,12 @@ fn cancel_in(phase: &str, pause: bool, job: &str) -> (SimBoard, ferry_tests::Run
         // Until the result is on the board: lava-test-case syncs its record
         // before it prints its signal line, which the console mirrors (a
         // console event in events.jsonl).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !std::fs::read_to_string(out.join("events.jsonl"))
-            .unwrap_or_default()
-            .contains("TEST_CASE_ID=recorded")
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the test never recorded its result: {}",
-                std::fs::read_to_string(out.join("events.jsonl")).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        ferry_tests::wait_for_event(
+            &out,
+            "TEST_CASE_ID=recorded",
+            "the test's recorded result",
+            std::time::Duration::from_secs(60),
+        );
     }
     let sent = std::time::Instant::now();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
