@@ -340,11 +340,7 @@ fn processes() -> Vec<Proc> {
 /// descendant (one that made a session of its own too), itself excluded.
 fn board_processes(me: Pid) -> Vec<Pid> {
     let all = processes();
-    let mut found: Vec<Pid> = all
-        .iter()
-        .filter(|p| p.session == me.as_raw() && p.pid != me)
-        .map(|p| p.pid)
-        .collect();
+    let mut found = in_session(&all, me, me);
     let mut parents = vec![me.as_raw()];
     while let Some(parent) = parents.pop() {
         for p in all.iter().filter(|p| p.parent == parent) {
@@ -359,10 +355,13 @@ fn board_processes(me: Pid) -> Vec<Pid> {
 
 /// Processes in session `sid`, other than the caller.
 pub fn session_members(sid: Pid) -> Vec<Pid> {
-    let me = nix::unistd::getpid();
-    processes()
-        .into_iter()
-        .filter(|p| p.session == sid.as_raw() && p.pid != me)
+    in_session(&processes(), sid, nix::unistd::getpid())
+}
+
+/// Those of `all` in session `sid`, `except` left out.
+fn in_session(all: &[Proc], sid: Pid, except: Pid) -> Vec<Pid> {
+    all.iter()
+        .filter(|p| p.session == sid.as_raw() && p.pid != except)
         .map(|p| p.pid)
         .collect()
 }
